@@ -1,0 +1,107 @@
+"""Per-sample random augmentation done on whole batches on the device (no DataLoader, no host copies).
+
+Order: crop (zero padding) -> flip -> rotation -> colour jitter -> normalize -> cutout -> mixup/cutmix.
+Every random draw comes from one torch.Generator on the device, so a run resumes bit-exactly.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kit.recipe import AugmentSpec
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [0, 1]."""
+    return images.float().div_(255)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std with per-channel (C,) tensors."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image gets its own crop of the zero-padded batch (torchvision RandomCrop(padding=p))."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror half of the images, chosen per image."""
+    mask = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torch.Tensor:
+    """Rotate each image by its own angle in [-degrees, degrees] (bilinear, zero fill)."""
+    angle = _uniform(x.shape[0], -degrees, degrees, gen) * (math.pi / 180)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation factors in [1 - s, 1 + s], drawn per image (torchvision's ColorJitter math)."""
+    b = x.shape[0]
+    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
+    mean = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = mean + (x - mean) * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
+    gray = (x * gray_weights).sum(1, keepdim=True)
+    x = gray + (x - gray) * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
+    return x.clamp(0, 1)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square (clipped at the border) at a random centre in each image."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), generator=gen, device=gen.device)
+    cx = torch.randint(0, w, (b, 1, 1), generator=gen, device=gen.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    return x.masked_fill(inside[:, None], 0.0)
+
+
+class BatchAugment:
+    """uint8 images + int labels -> normalized float inputs and the loss's targets, all on the device."""
+
+    def __init__(self, spec: AugmentSpec, mean: torch.Tensor, std: torch.Tensor, num_classes: int,
+                 label_smoothing: float = 0.0):
+        self.spec, self.mean, self.std = spec, mean, std
+        self.mixup = None
+        if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
+            from timm.data import Mixup
+            self.mixup = Mixup(mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, prob=spec.mix_prob,
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        spec, x = self.spec, to_float(images)
+        if spec.crop_padding:
+            x = random_crop(x, spec.crop_padding, gen)
+        if spec.flip:
+            x = random_flip(x, gen)
+        if spec.rotation_degrees:
+            x = random_rotation(x, spec.rotation_degrees, gen)
+        if spec.color_jitter:
+            x = color_jitter(x, spec.color_jitter, gen)
+        x = normalize(x, self.mean, self.std)
+        if spec.cutout_size:
+            x = cutout(x, spec.cutout_size, gen)
+        if self.mixup is not None:
+            return self.mixup(x, labels)  # soft targets for SoftTargetCrossEntropy
+        return x, labels

@@ -1,0 +1,173 @@
+"""The `kit` command line: parse, load, call one function. Errors become one line and exit code 2."""
+
+import sys
+from pathlib import Path
+
+import click
+
+from kit import __version__
+from kit.errors import KitError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
+
+
+class KitGroup(click.Group):
+    """Turns KitError (and a few OS errors) into `error: ...` on stderr, exit 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KitError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the last completed epoch's checkpoint is kept (kit train --resume RUN)", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=KitGroup)
+@click.version_option(__version__, prog_name="kit")
+def cli():
+    """Recipes, fast training, ensembles with TTA and reports for CIFAR-style competitions."""
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a recipe field, e.g. --set optim.lr=0.05 (repeatable).")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+
+
+def _recipe_files(paths: tuple[str, ...]) -> list[Path]:
+    if paths:
+        return [Path(p) for p in paths]
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+@cli.command("recipes")
+@click.argument("paths", nargs=-1)
+def recipes_cmd(paths):
+    """Table of recipes (default: every file in recipes/): model, exact parameters, budget, paper accuracy."""
+    from kit.summary import recipes_table
+    click.echo(recipes_table(_recipe_files(paths)))
+
+
+@cli.command("params")
+@click.argument("recipe")
+@set_option
+def params_cmd(recipe, overrides):
+    """Per-stage parameter breakdown and total of a recipe's model."""
+    from kit.summary import params_table
+    click.echo(params_table(recipe, overrides))
+
+
+@cli.command("train")
+@click.argument("recipe", required=False)
+@set_option
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue this run from its last.pt.")
+@click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
+@click.option("--out", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
+@device_option
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, device):
+    """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR."""
+    from kit.recipe import load_recipe
+    from kit.train import resume, train
+    if bool(recipe) == bool(resume_dir):
+        raise KitError("give either RECIPE or --resume RUN_DIR")
+    if resume_dir:
+        run = resume(resume_dir, tuple(overrides), data_root, device)
+    else:
+        run = train(load_recipe(recipe, tuple(overrides)), data_root, out_root, device)
+    click.echo(f"run: {run}")
+
+
+@cli.group("data")
+def data_cmd():
+    """Make data folders: the embedded demo, or a download."""
+
+
+@data_cmd.command("demo")
+@click.argument("out_dir")
+def data_demo_cmd(out_dir):
+    """scikit-learn's digits in the CIFAR-10 layout, plus cifar_test_nolabel.pkl and test_labels.csv."""
+    from kit.datasets import make_demo_data
+    click.echo(f"demo data: {make_demo_data(out_dir)}")
+
+
+@data_cmd.command("download")
+@click.argument("dataset", type=click.Choice(["cifar10", "cifar100"]))
+@click.argument("out_dir")
+def data_download_cmd(dataset, out_dir):
+    """torchvision's download of CIFAR-10/100 (needs internet)."""
+    from kit.datasets import download_cifar
+    click.echo(f"downloaded: {download_cifar(dataset, out_dir)}")
+
+
+@cli.command("bench")
+@click.argument("recipe")
+@set_option
+@click.option("--steps", default=50, show_default=True, help="Timed training steps per loop.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed steps first (compilation, graph capture).")
+@click.option("--batch-size", type=int, help="Measure both loops at this batch size instead of the recipe's.")
+@click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
+@device_option
+def bench_cmd(recipe, overrides, steps, warmup, batch_size, data_root, device):
+    """Training images/s of the kit engine vs a seed-style DataLoader loop, and the ratio."""
+    from kit.bench import bench
+    from kit.recipe import load_recipe
+    bench(load_recipe(recipe, tuple(overrides)), steps, batch_size, data_root, device, warmup)
+
+
+weights_from_option = click.option("--weights-from", type=click.Choice(["best", "ema", "raw"]), default="best",
+                                   show_default=True, help="Which weights of each checkpoint: the better-scoring, EMA or raw.")
+
+
+@cli.command("predict")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--test", "test_path", required=True, metavar="PKL", help="Unlabelled test pickle {b'data', b'ids'}.")
+@click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]), help="Default: the first member's recipe.")
+@click.option("--weights", metavar="W", help="Comma-separated member weights, or a selection file from kit evaluate --select.")
+@weights_from_option
+@click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one member) or submissions/ensemble.csv.")
+@click.option("--batch-size", default=1000, show_default=True)
+@device_option
+def predict_cmd(runs, test_path, tta, weights, weights_from, out, batch_size, device):
+    """Ensemble RUNS (run directories or .pt files) with TTA on a test pickle; write ID,Labels CSV + probs."""
+    from kit.predict import predict
+    predict(list(runs), test_path, tta, weights, weights_from, out, batch_size, device)
+
+
+@cli.command("evaluate")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="val: the runs' validation set; test: the labelled test_batch.")
+@click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]), default="flip", show_default=True)
+@click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
+@click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
+@click.option("--select-out", metavar="JSON", help="Write the selected weights here, for kit predict --weights.")
+@click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
+@weights_from_option
+@click.option("--batch-size", default=1000, show_default=True)
+@device_option
+def evaluate_cmd(runs, data_root, split, tta, select, rounds, select_out, csv_out, weights_from, batch_size, device):
+    """Top-1 (and top-5 for 100 classes) of each member and the ensemble, with and without TTA."""
+    from kit.evaluate import evaluate
+    evaluate(list(runs), data_root, split, tta, select, rounds, weights_from, csv_out, select_out, batch_size, device)
+
+
+@cli.command("check-submission")
+@click.argument("csv_path", metavar="CSV")
+@click.option("--test", "test_path", required=True, metavar="PKL")
+@click.option("--num-classes", default=10, show_default=True)
+def check_submission_cmd(csv_path, test_path, num_classes):
+    """Header, one row per test id, no duplicates, labels in range; exit 2 with the first problem."""
+    from kit.submission import check_submission
+    rows = check_submission(csv_path, test_path, num_classes)
+    click.echo(f"ok: {csv_path} has one valid row for each of the {rows:,} test ids")
+
+
+def main():
+    cli(prog_name="kit")
+
+
+if __name__ == "__main__":
+    main()

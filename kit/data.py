@@ -1,0 +1,164 @@
+"""CIFAR python layouts, the competition's unlabelled test pickle, and validation splits.
+
+Images are kept as uint8 tensors (N, 3, 32, 32): they go to the device once and are normalized there.
+"""
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.errors import KitError
+from kit.recipe import DataSpec
+
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR100_DIR = "cifar-100-python"
+LAYOUT_HINT = "run `kit data demo DIR` for demo data, `kit data download cifar10 DIR` on a machine with internet, or point --data-root at the folder holding it"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    val: Split
+    classes: list[str]
+    mean: tuple[float, float, float]  # per channel, of the training images scaled to [0, 1]
+    std: tuple[float, float, float]
+
+
+def read_pickle(path: Path, what: str) -> dict:
+    """Unpickle a CIFAR-style file, with one-line errors for a missing or corrupt file."""
+    if not path.is_file():
+        raise KitError(f"{path}: missing; expected {what}")
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as err:  # pickle raises many types on corrupt input
+        raise KitError(f"{path}: not a readable pickle ({type(err).__name__}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise KitError(f"{path}: expected a dict in the pickle, got {type(obj).__name__}")
+    return obj
+
+
+def _batch(path: Path, label_key: bytes, what: str) -> Split:
+    obj = read_pickle(path, what)
+    for key in (b"data", label_key):
+        if key not in obj:
+            raise KitError(f"{path}: no {key!r} entry; expected {what}")
+    data = np.asarray(obj[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise KitError(f"{path}: b'data' is {data.dtype} {data.shape}; expected uint8 (N, 3072) channel-major rows")
+    labels = np.asarray(obj[label_key], dtype=np.int64)
+    if len(labels) != len(data):
+        raise KitError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+
+
+def _concat(splits: list[Split]) -> Split:
+    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
+
+
+def read_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
+    """(train, test_batch, class names) from root/cifar-10-batches-py."""
+    base = root / CIFAR10_DIR
+    what = f"the CIFAR-10 python layout ({CIFAR10_DIR}/data_batch_1..5, test_batch, batches.meta); {LAYOUT_HINT}"
+    train = _concat([_batch(base / f"data_batch_{i}", b"labels", what) for i in range(1, 6)])
+    test = _batch(base / "test_batch", b"labels", what)
+    meta = read_pickle(base / "batches.meta", what)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(b"label_names", [])]
+    return train, test, classes
+
+
+def read_cifar100(root: Path) -> tuple[Split, Split, list[str]]:
+    """(train, test, fine class names) from root/cifar-100-python."""
+    base = root / CIFAR100_DIR
+    what = f"the CIFAR-100 python layout ({CIFAR100_DIR}/train, test, meta); {LAYOUT_HINT.replace('cifar10', 'cifar100')}"
+    train = _batch(base / "train", b"fine_labels", what)
+    test = _batch(base / "test", b"fine_labels", what)
+    meta = read_pickle(base / "meta", what)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(b"fine_label_names", [])]
+    return train, test, classes
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out `fraction` of each class (scikit-learn's stratified split) as validation."""
+    from sklearn.model_selection import train_test_split
+    index = np.arange(len(split))
+    keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=split.labels.numpy())
+    keep, held = torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
+    return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1]."""
+    x = images.double().div_(255).transpose(0, 1).reshape(3, -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def load_dataset(spec: DataSpec, root: str | Path | None = None, split: str = "val") -> Dataset:
+    """Training set and the evaluation split: `val` (the recipe's validation) or `test` (the test_batch)."""
+    root = Path(root or spec.root)
+    if not root.is_dir():
+        raise KitError(f"{root}: data root not found; {LAYOUT_HINT}")
+    reader = read_cifar10 if spec.dataset == "cifar10" else read_cifar100
+    train, test, classes = reader(root)
+    if spec.validation == "split":
+        train, val = stratified_split(train, spec.val_fraction, spec.split_seed)
+    else:
+        val = test
+    held_out = test if split == "test" else val
+    num_classes = int(max(train.labels.max(), held_out.labels.max())) + 1
+    if len(classes) < num_classes:
+        classes = [str(i) for i in range(num_classes)]
+    mean, std = channel_stats(train.images)
+    return Dataset(train, held_out, classes, mean, std)
+
+
+@dataclass(frozen=True)
+class TestSet:
+    ids: np.ndarray
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    layout: str  # how the pickle stored the images
+
+
+def read_test_pickle(path: str | Path) -> TestSet:
+    """The competition's unlabelled test pickle: {b'data': images, b'ids': (N,)}.
+
+    Accepts (N, 32, 32, 3) HWC, (N, 3, 32, 32) CHW and (N, 3072) channel-major rows of uint8.
+    """
+    path = Path(path)
+    what = "the competition test pickle {b'data': (N, 32, 32, 3) uint8, b'ids': (N,)}"
+    obj = read_pickle(path, what)
+    for key in (b"data", b"ids"):
+        if key not in obj:
+            raise KitError(f"{path}: no {key!r} entry; expected {what}")
+    data, ids = np.asarray(obj[b"data"]), np.asarray(obj[b"ids"])
+    if data.dtype != np.uint8:
+        raise KitError(f"{path}: b'data' has dtype {data.dtype}; expected uint8 pixels 0..255")
+    images, layout = _to_chw(path, data)
+    if ids.ndim != 1 or len(ids) != len(images):
+        raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape}")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise KitError(f"{path}: b'ids' has duplicates (e.g. {unique[counts > 1][0]!r} appears {counts.max()} times)")
+    return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)
+
+
+def _to_chw(path: Path, data: np.ndarray) -> tuple[np.ndarray, str]:
+    if data.ndim == 4 and data.shape[1:] == (32, 32, 3):
+        return data.transpose(0, 3, 1, 2), "(N, 32, 32, 3) HWC"
+    if data.ndim == 4 and data.shape[1:] == (3, 32, 32):
+        return data, "(N, 3, 32, 32) CHW"
+    if data.ndim == 2 and data.shape[1] == 3072:
+        return data.reshape(-1, 3, 32, 32), "(N, 3072) channel-major rows"
+    raise KitError(f"{path}: b'data' has unsupported shape {data.shape}; expected (N, 32, 32, 3), (N, 3, 32, 32) or (N, 3072)")

@@ -1,0 +1,96 @@
+"""Model registry: named presets of the one ResNet family, plus any timm or torchvision model by name."""
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kit.errors import KitError
+from kit.models.resnet import ResNet, ResNetConfig
+from kit.typed import build
+
+_PRESETS: dict[str, ResNetConfig] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[[], ResNetConfig]], Callable[[], ResNetConfig]]:
+    """Register a preset: a function returning the ResNetConfig its name stands for."""
+    def wrap(fn: Callable[[], ResNetConfig]) -> Callable[[], ResNetConfig]:
+        if name in _PRESETS:
+            raise ValueError(f"model '{name}' is registered twice")
+        _PRESETS[name] = fn()
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of the registered presets (timm:NAME and torchvision:NAME are accepted too)."""
+    return sorted(_PRESETS)
+
+
+def preset_config(name: str, args: dict, source: str = "recipe") -> ResNetConfig:
+    """The preset's config with `args` applied, validated like the recipe itself."""
+    if name not in _PRESETS:
+        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KitError(f"{source}: model.name: unknown model '{name}'{hint} "
+                       f"(registered: {', '.join(list_models())}; or timm:NAME, torchvision:NAME)")
+    base = dataclasses.asdict(_PRESETS[name])
+    base.update(args)
+    return build(ResNetConfig, base, source, "model.args")
+
+
+def create_model(name: str, num_classes: int, args: dict | None = None,
+                 pretrained_path: str | None = None, source: str = "recipe") -> nn.Module:
+    """Build a model by registered name, `timm:NAME` or `torchvision:NAME`; load local weights if given."""
+    args = dict(args or {})
+    if name.startswith("timm:"):
+        model = _create_timm(name[5:], num_classes, args, source)
+    elif name.startswith("torchvision:"):
+        model = _create_torchvision(name[12:], num_classes, args, source)
+    else:
+        model = ResNet(preset_config(name, args, source), num_classes)
+    if pretrained_path:
+        load_pretrained(model, pretrained_path)
+    return model
+
+
+def _create_timm(name: str, num_classes: int, args: dict, source: str) -> nn.Module:
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise KitError(f"{source}: model.name: timm has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **args)
+    except TypeError as err:
+        raise KitError(f"{source}: model.args: timm:{name} rejected the arguments: {err}") from None
+
+
+def _create_torchvision(name: str, num_classes: int, args: dict, source: str) -> nn.Module:
+    import torchvision
+    names = torchvision.models.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        raise KitError(f"{source}: model.name: torchvision has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
+    except TypeError as err:
+        raise KitError(f"{source}: model.args: torchvision:{name} rejected the arguments: {err}") from None
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load local weights; tensors whose shape differs (a new classifier head) keep their fresh values."""
+    if not Path(path).is_file():
+        raise KitError(f"{path}: pretrained weights not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise KitError(f"{path}: not a loadable weights file: {err}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise KitError(f"{path}: no tensor matches the model's names and shapes")
+    model.load_state_dict(usable, strict=False)

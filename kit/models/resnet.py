@@ -1,0 +1,129 @@
+"""One parametrized ResNet covering every team's network: basic or pre-activation blocks, any
+blocks/channels per stage, CIFAR or ImageNet stem, 1x1 or 3x3 projection shortcuts, activation,
+dropout, pooling and a width multiplier.
+
+Layout conventions (they are what reproduce the papers' exact parameter counts):
+- basic (He et al. 2016a): stem conv-BN-act; block conv-BN-act-conv-BN (+ shortcut), act;
+  projection shortcut conv-BN.
+- preact (He et al. 2016b): stem is a bare conv; block BN-act-conv-BN-act-conv (+ shortcut);
+  projection shortcut a bare conv; one BN-act after the last stage.
+- dropout (paper 004) is applied to each block's output.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    block: Literal["basic", "preact"] = "basic"
+    blocks: tuple[int, ...] = field(default=(2, 2, 2, 2), metadata={"min": 1})  # blocks per stage
+    channels: tuple[int, ...] = field(default=(64, 128, 256, 512), metadata={"min": 1})  # per stage
+    stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 stride 1, or 7x7 stride 2 + 3x3 max-pool
+    stem_width: int | None = field(default=None, metadata={"min": 1})  # default: channels[0]
+    shortcut_kernel: Literal[1, 3] = 1
+    activation: Literal["relu", "gelu", "silu", "elu"] = "relu"
+    dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
+    pool: Literal["adaptive", "fixed"] = "adaptive"
+    pool_kernel: int = field(default=4, metadata={"min": 1})  # for pool: fixed (average pool)
+    width: float = field(default=1.0, metadata={"gt": 0})  # multiplies stem width and every stage's channels
+    input_size: int = field(default=32, metadata={"min": 8})  # sizes the classifier when pool: fixed
+
+    def __post_init__(self):
+        if len(self.blocks) != len(self.channels):
+            raise ValueError(f"blocks {list(self.blocks)} and channels {list(self.channels)} need one entry per stage")
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, cfg: ResNetConfig):
+        super().__init__()
+        act = ACTIVATIONS[cfg.activation]
+        self.residual = nn.Sequential(
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(),
+            _conv(cout, cout, 3), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(_conv(cin, cout, cfg.shortcut_kernel, stride), nn.BatchNorm2d(cout))
+        self.act = act()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.act(self.residual(x) + self.shortcut(x)))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, cfg: ResNetConfig):
+        super().__init__()
+        act = ACTIVATIONS[cfg.activation]
+        self.pre = nn.Sequential(nn.BatchNorm2d(cin), act())
+        self.residual = nn.Sequential(
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), _conv(cout, cout, 3))
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = _conv(cin, cout, cfg.shortcut_kernel, stride)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pre(x)
+        # the projection sees the pre-activated input, the identity the raw one (He et al. 2016b)
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return self.dropout(self.residual(out) + skip)
+
+
+class ResNet(nn.Module):
+    """stem -> stage1..stageN -> (final BN-act for preact) -> pool -> fc."""
+
+    def __init__(self, cfg: ResNetConfig, num_classes: int):
+        super().__init__()
+        channels = [max(1, round(c * cfg.width)) for c in cfg.channels]
+        stem_width = max(1, round((cfg.stem_width or cfg.channels[0]) * cfg.width))
+        self.stem = self._stem(cfg, stem_width)
+        block = BasicBlock if cfg.block == "basic" else PreActBlock
+        cin = stem_width
+        for index, (count, cout) in enumerate(zip(cfg.blocks, channels)):
+            layers = []
+            for b in range(count):
+                stride = 2 if index > 0 and b == 0 else 1
+                layers.append(block(cin, cout, stride, cfg))
+                cin = cout
+            self.add_module(f"stage{index + 1}", nn.Sequential(*layers))
+        self.num_stages = len(channels)
+        self.final = nn.Sequential(nn.BatchNorm2d(cin), ACTIVATIONS[cfg.activation]()) if cfg.block == "preact" else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1) if cfg.pool == "adaptive" else nn.AvgPool2d(cfg.pool_kernel)
+        self.fc = nn.Linear(cin * self._pooled_area(cfg), num_classes)
+
+    @staticmethod
+    def _stem(cfg: ResNetConfig, width: int) -> nn.Sequential:
+        act = ACTIVATIONS[cfg.activation]
+        kernel, stride = (3, 1) if cfg.stem == "cifar" else (7, 2)
+        layers: list[nn.Module] = [_conv(3, width, kernel, stride)]
+        if cfg.block == "basic":
+            layers += [nn.BatchNorm2d(width), act()]
+        if cfg.stem == "imagenet":
+            layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+        return nn.Sequential(*layers)
+
+    def _pooled_area(self, cfg: ResNetConfig) -> int:
+        if cfg.pool == "adaptive":
+            return 1
+        size = cfg.input_size // (4 if cfg.stem == "imagenet" else 1) // 2 ** (len(cfg.channels) - 1)
+        side = (size - cfg.pool_kernel) // cfg.pool_kernel + 1
+        if side < 1:
+            raise ValueError(f"pool_kernel {cfg.pool_kernel} is larger than the final {size}x{size} feature map")
+        return side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
+        x = self.stem(x)
+        for index in range(self.num_stages):
+            x = getattr(self, f"stage{index + 1}")(x)
+        x = self.pool(self.final(x))
+        return self.fc(torch.flatten(x, 1))

@@ -1,0 +1,60 @@
+"""Figures: training curves and confusion matrices (matplotlib, no display needed)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kit.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(metrics: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Loss, accuracy (raw and EMA) and learning rate per epoch."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(metrics.epoch, metrics.train_loss, label="train")
+    axes[0].plot(metrics.epoch, metrics.val_loss, label="validation")
+    axes[0].set_title("loss")
+    axes[1].plot(metrics.epoch, metrics.train_acc * 100, label="train")
+    axes[1].plot(metrics.epoch, metrics.val_acc * 100, label="validation")
+    if metrics.ema_val_acc.notna().any():
+        axes[1].plot(metrics.epoch, metrics.ema_val_acc * 100, label="validation (EMA)")
+    axes[1].set_title("accuracy (%)")
+    axes[2].plot(metrics.epoch, metrics.lr)
+    axes[2].set_title("learning rate")
+    axes[2].set_yscale("log" if (metrics.lr > 0).all() else "linear")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """Confusion matrix with class names on both axes and counts in the cells."""
+    size = max(5, 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:
+        threshold = matrix.max() / 2
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)

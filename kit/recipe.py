@@ -1,0 +1,196 @@
+"""One typed, frozen recipe per model: read from YAML, validated strictly, overridable with
+`--set a.b=value`, written back as YAML beside every run."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kit.errors import KitError
+from kit.io import write_text
+from kit.typed import build, fraction, non_negative, positive, to_plain
+
+DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 million parameters"
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars")
+SCHEDULES = ("constant", "cosine", "step", "multistep", "plateau", "poly", "onecycle")
+
+
+@dataclass(frozen=True)
+class PaperSpec:
+    source: str = ""  # e.g. "paper 001 (Garg et al.), final model"
+    reported_accuracy: float | None = field(default=None, metadata={"min": 0, "max": 100})  # percent
+    metric: str = "top-1 validation accuracy"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    root: str = "data"  # directory holding cifar-10-batches-py/ or cifar-100-python/
+    validation: Literal["test_batch", "split"] = "test_batch"
+    val_fraction: float = fraction(0.2)  # only for validation: split (stratified)
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "resnet"  # a registered preset, or timm:NAME / torchvision:NAME
+    args: dict = field(default_factory=dict)
+    num_classes: int = positive(10)
+    pretrained_path: str | None = None  # local weights only: nothing is downloaded at run time
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    max_params: int | None = positive(DEFAULT_MAX_PARAMS)  # null turns the budget off...
+    reason: str = ""  # ...and then the recipe must say why
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: Literal[OPTIMIZERS] = "momentum"  # timm names: "momentum" is torch SGD, timm's "sgd" is Nesterov SGD
+    lr: float = positive(0.1)
+    momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1})
+    weight_decay: float = non_negative(0.0)
+    betas: tuple[float, float] | None = None
+    decay_norm_and_bias: bool = True  # torch's default; timm's would exempt BN and bias from weight decay
+    grad_clip: float | None = positive(None)
+    grad_clip_mode: Literal["norm", "value"] = "norm"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: Literal[SCHEDULES] = "cosine"
+    warmup_epochs: int = non_negative(0)
+    warmup_lr: float = non_negative(1e-5)
+    min_lr: float = non_negative(0.0)
+    decay_epochs: float = positive(30.0)  # step: decay every this many epochs
+    milestones: tuple[int, ...] = ()  # multistep: epochs (0-based, as torch's MultiStepLR) at which the lr drops
+    decay_rate: float = positive(0.1)  # step/multistep/plateau factor; poly power
+    per_update: bool = True  # step the schedule after every update, not once an epoch
+    onecycle_pct_start: float = fraction(0.3)
+    plateau_patience: int = positive(10)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = positive(30)
+    batch_size: int = positive(128)
+    seed: int = 0
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})
+    ema_decay: float | None = fraction(None)  # per update; null: no EMA
+    early_stopping_patience: int | None = positive(None)  # epochs without a new best validation accuracy
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA only; the CPU always trains in fp32
+    channels_last: bool = True
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    eval_batch_size: int = positive(1000)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    crop_padding: int = non_negative(4)  # random crop back to the input size after zero padding; 0: off
+    flip: bool = True
+    rotation_degrees: float = field(default=0.0, metadata={"min": 0, "max": 180})
+    color_jitter: float = field(default=0.0, metadata={"min": 0, "max": 1})  # brightness/contrast/saturation
+    cutout_size: int = non_negative(0)
+    mixup_alpha: float = non_negative(0.0)
+    cutmix_alpha: float = non_negative(0.0)
+    mix_prob: float = field(default=1.0, metadata={"min": 0, "max": 1})
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    tta: Literal["none", "flip", "shift", "flip-shift"] = "flip"
+    batch_size: int = positive(1000)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "recipe"
+    description: str = ""
+    paper: PaperSpec = field(default_factory=PaperSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    predict: PredictSpec = field(default_factory=PredictSpec)
+
+
+def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Validate a raw mapping (plus `a.b=value` overrides) into a Recipe."""
+    raw = dict(raw or {})
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = build(Recipe, raw, source)
+    _check_consistency(recipe, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe; its name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise KitError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise KitError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise KitError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw or {})
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, str(path), overrides)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw recipe mapping."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise KitError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise KitError(f"--set {item}: the value is not valid YAML") from None
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise KitError(f"--set {item}: '{part}' is not a section")
+        else:
+            child = node[part] = dict(child)
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_consistency(recipe: Recipe, source: str) -> None:
+    if recipe.budget.max_params is None and not recipe.budget.reason.strip():
+        raise KitError(f"{source}: budget.max_params is null: budget.reason must say why the budget is off")
+    if recipe.schedule.name == "multistep" and not recipe.schedule.milestones:
+        raise KitError(f"{source}: schedule.milestones: a multistep schedule needs at least one milestone epoch")
+    if list(recipe.schedule.milestones) != sorted(recipe.schedule.milestones):
+        raise KitError(f"{source}: schedule.milestones: {list(recipe.schedule.milestones)} must be increasing")
+    if (recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha) and recipe.train.batch_size % 2:
+        raise KitError(f"{source}: train.batch_size: mixup/cutmix need an even batch size, got {recipe.train.batch_size}")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every field, defaults included)."""
+    return yaml.safe_dump(to_plain(recipe), sort_keys=False)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe atomically."""
+    write_text(path, recipe_to_yaml(recipe))
+
+
+def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain-dict form, stored in checkpoints."""
+    return to_plain(recipe)
