@@ -33,6 +33,8 @@ def cli():
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a recipe field, e.g. --set optim.lr=0.05 (repeatable).")
+tta_option = click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]),
+                          help="Test-time augmentation views (default: the first run's recipe, predict.tta).")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
@@ -123,7 +125,7 @@ weights_from_option = click.option("--weights-from", type=click.Choice(["best", 
 @cli.command("predict")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--test", "test_path", required=True, metavar="PKL", help="Unlabelled test pickle {b'data', b'ids'}.")
-@click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]), help="Default: the first member's recipe.")
+@tta_option
 @click.option("--weights", metavar="W", help="Comma-separated member weights, or a selection file from kit evaluate --select.")
 @weights_from_option
 @click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one member) or submissions/ensemble.csv.")
@@ -140,7 +142,7 @@ def predict_cmd(runs, test_path, tta, weights, weights_from, out, batch_size, de
 @click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="val: the runs' validation set; test: the labelled test_batch.")
-@click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]), default="flip", show_default=True)
+@tta_option
 @click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
 @click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
 @click.option("--select-out", metavar="JSON", help="Write the selected weights here, for kit predict --weights.")
@@ -163,6 +165,32 @@ def check_submission_cmd(csv_path, test_path, num_classes):
     from kit.submission import check_submission
     rows = check_submission(csv_path, test_path, num_classes)
     click.echo(f"ok: {csv_path} has one valid row for each of the {rows:,} test ids")
+
+
+@cli.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
+@click.option("--out", metavar="DIR", help="Write OUT/<run>/ (default: RUN/report/).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@tta_option
+@device_option
+def report_cmd(runs, data_root, out, split, tta, device):
+    """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per run."""
+    from kit.report import report
+    report(list(runs), data_root, out, split, tta, device)
+
+
+@cli.command("demo")
+@click.option("--workdir", default="runs/demo", show_default=True, help="Demo data and runs go here.")
+@click.option("--out", "submission", default="submissions/demo.csv", show_default=True)
+@device_option
+def demo_cmd(workdir, submission, device):
+    """The main job on the embedded digits data: data, 2 training runs, ensemble + TTA CSV, report, accuracy."""
+    from kit.demo import demo
+    recipe = RECIPES_DIR / "demo.yaml"
+    if not recipe.is_file():
+        raise KitError(f"{recipe}: the demo recipe is missing (install kit from its repository: pip install -e .)")
+    demo(recipe, workdir, submission, device)
 
 
 def main():

@@ -150,7 +150,7 @@ def read_test_pickle(path: str | Path) -> TestSet:
         raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape}")
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise KitError(f"{path}: b'ids' has duplicates (e.g. {unique[counts > 1][0]!r} appears {counts.max()} times)")
+        raise KitError(f"{path}: b'ids' has duplicates (e.g. {unique[counts > 1][0].item()!r} appears {counts.max()} times)")
     return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)
 
 

@@ -75,13 +75,14 @@ def _row(name: str, params: int, plain: torch.Tensor, tta: torch.Tensor, labels:
     return row
 
 
-def evaluate(paths: list[str], data_root: str | None = None, split: str = "val", tta: str = "flip", select: bool = False,
+def evaluate(paths: list[str], data_root: str | None = None, split: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int = 1000, device: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Print and write the accuracy table; with `select`, also the chosen weights (and a selection file)."""
     dev = resolve_device(device)
     members = load_members(paths, weights_from, dev)
     data = held_out(members, data_root, split)
+    tta = tta or members[0].recipe.predict.tta
     prec = Precision(dev, torch.bfloat16 if dev.type == "cuda" else None)
     scored = score_members(members, data, tta_views(tta), batch_size, prec)
     labels, top5 = data.labels, len(members[0].classes) > 10

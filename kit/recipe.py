@@ -124,9 +124,21 @@ def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) ->
     raw = dict(raw or {})
     for item in overrides:
         apply_override(raw, item)
-    recipe = build(Recipe, raw, source)
+    try:
+        recipe = build(Recipe, raw, source)
+    except KitError as err:
+        raise KitError(f"{err}{_blame(str(err), overrides)}") from None
     _check_consistency(recipe, source)
     return recipe
+
+
+def _blame(message: str, overrides: tuple[str, ...]) -> str:
+    """' (from --set KEY=VALUE)' when the failing key was overridden on the command line."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if f" {key}:" in message or f"'{key}'" in message or f" {key}[" in message:
+            return f" (from --set {item})"
+    return ""
 
 
 def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:

@@ -7,7 +7,9 @@ Layout conventions (they are what reproduce the papers' exact parameter counts):
   projection shortcut conv-BN.
 - preact (He et al. 2016b): stem is a bare conv; block BN-act-conv-BN-act-conv (+ shortcut);
   projection shortcut a bare conv; one BN-act after the last stage.
-- dropout (paper 004) is applied to each block's output.
+- dropout (paper 004) follows the first activation inside the residual branch (WRN-style,
+  `dropout_position: branch`), or is applied to each block's output (`output`), which also drops
+  the identity path and compounds over the blocks.
 """
 
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ class ResNetConfig:
     shortcut_kernel: Literal[1, 3] = 1
     activation: Literal["relu", "gelu", "silu", "elu"] = "relu"
     dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
+    dropout_position: Literal["branch", "output"] = "branch"
     pool: Literal["adaptive", "fixed"] = "adaptive"
     pool_kernel: int = field(default=4, metadata={"min": 1})  # for pool: fixed (average pool)
     width: float = field(default=1.0, metadata={"gt": 0})  # multiplies stem width and every stage's channels
@@ -43,18 +46,26 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
+def _branch_dropout(cfg: ResNetConfig) -> list[nn.Module]:
+    return [nn.Dropout(cfg.dropout)] if cfg.dropout and cfg.dropout_position == "branch" else []
+
+
+def _output_dropout(cfg: ResNetConfig) -> nn.Module:
+    return nn.Dropout(cfg.dropout) if cfg.dropout and cfg.dropout_position == "output" else nn.Identity()
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, cfg: ResNetConfig):
         super().__init__()
         act = ACTIVATIONS[cfg.activation]
         self.residual = nn.Sequential(
-            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(),
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), *_branch_dropout(cfg),
             _conv(cout, cout, 3), nn.BatchNorm2d(cout))
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(_conv(cin, cout, cfg.shortcut_kernel, stride), nn.BatchNorm2d(cout))
         self.act = act()
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.dropout = _output_dropout(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.act(self.residual(x) + self.shortcut(x)))
@@ -66,11 +77,11 @@ class PreActBlock(nn.Module):
         act = ACTIVATIONS[cfg.activation]
         self.pre = nn.Sequential(nn.BatchNorm2d(cin), act())
         self.residual = nn.Sequential(
-            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), _conv(cout, cout, 3))
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), *_branch_dropout(cfg), _conv(cout, cout, 3))
         self.shortcut = None
         if stride != 1 or cin != cout:
             self.shortcut = _conv(cin, cout, cfg.shortcut_kernel, stride)
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.dropout = _output_dropout(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pre(x)

@@ -1,0 +1,105 @@
+"""The CLI end to end: tables, the documented flows, and one-line errors with exit code 2."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from kit import __version__
+from kit.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code, output, *fragments):
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_version():
+    assert run("--version") == (0, f"kit, version {__version__}\n")
+
+
+def test_recipes_table_shows_exact_counts():
+    code, out = run("recipes")
+    assert code == 0
+    for row in [("preact_gelu", "2,796,714", "ok", "90.76%"), ("resnet_4643", "4,902,186", "ok"),
+                ("resnet_443", "4,697,162"), ("resnet_dropout", "4,709,914"), ("resnet18_cifar100 ", "11,227,812", "off")]:
+        line = next(line for line in out.splitlines() if line.strip().startswith(row[0].strip() + " ") or line.split()[0] == row[0].strip())
+        assert all(cell in line for cell in row), line
+
+
+def test_params_breakdown_with_override():
+    code, out = run("params", ROOT / "recipes" / "resnet_4643.yaml", "--set", "model.args.width=0.5")
+    assert code == 0 and "stage4" in out and "total" in out and "budget: 5,000,000 (ok)" in out
+
+
+def test_unknown_key_through_train(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    code, out = run("train", bad)
+    assert_one_line_error(code, out, "bad.yaml", "unknown key 'train.epochz'", "valid keys here: epochs")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "missing.yaml"], ["missing.yaml: recipe file not found"]),
+    (["train", ROOT / "recipes" / "demo.yaml", "--set", "optim.lr=fast"], ["--set", "optim.lr: expected float"]),
+    (["train"], ["give either RECIPE or --resume RUN_DIR"]),
+    (["train", ROOT / "recipes" / "demo.yaml", "--data-root", "/no/such/dir", "--device", "cpu"], ["/no/such/dir: data root not found"]),
+    (["train", "--resume", "/no/run"], ["/no/run: not a run directory"]),
+    (["params", ROOT / "recipes" / "demo.yaml", "--set", "model.name=resnet19"], ["unknown model 'resnet19'"]),
+])
+def test_bad_inputs_give_one_line_errors(args, fragments):
+    assert_one_line_error(*run(*args), *fragments)
+
+
+def test_train_resume_predict_check_flow(demo_data, tmp_path):
+    code, out = run("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--out", tmp_path / "runs",
+                    "--device", "cpu", "--set", "train.epochs=1")
+    assert code == 0, out
+    run_dir = out.strip().splitlines()[-1].removeprefix("run: ")
+    assert out.strip().splitlines()[-1].startswith("run: ")
+    code, out = run("train", "--resume", run_dir, "--set", "train.epochs=2", "--device", "cpu")
+    assert code == 0 and len(pd.read_csv(f"{run_dir}/metrics.csv")) == 2
+    csv = tmp_path / "sub" / "s.csv"
+    code, out = run("predict", run_dir, run_dir, "--test", demo_data / "cifar_test_nolabel.pkl", "--tta", "flip",
+                    "--out", csv, "--device", "cpu")
+    assert code == 0 and "tta views: identity, mirror" in out
+    assert run("check-submission", csv, "--test", demo_data / "cifar_test_nolabel.pkl")[0] == 0
+
+
+def test_wrong_shaped_pickle_fails_in_one_line_with_no_file(trained_run, tmp_path):
+    bad = tmp_path / "bad.pkl"
+    with open(bad, "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 16, 16, 3), np.uint8), b"ids": np.arange(4)}, f)
+    code, out = run("predict", trained_run, "--test", bad, "--out", tmp_path / "s.csv", "--device", "cpu")
+    assert_one_line_error(code, out, "bad.pkl", "unsupported shape (4, 16, 16, 3)")
+    assert not list(tmp_path.glob("s.*"))
+
+
+def test_check_submission_exit_code(tmp_path, demo_data):
+    csv = tmp_path / "s.csv"
+    csv.write_text("ID,Labels\n0,1\n")
+    code, out = run("check-submission", csv, "--test", demo_data / "cifar_test_nolabel.pkl")
+    assert_one_line_error(code, out, "299 ids of")
+
+
+def test_installed_entry_point_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "kit.cli", "train", str(bad)], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,114 @@
+"""Evaluation tables, greedy ensemble selection, per-class reports and submission checks."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import quiet
+from sklearn.metrics import classification_report
+
+from kit.errors import KitError
+from kit.evaluate import evaluate, greedy_selection, topk
+from kit.report import confused_pairs, per_class_table, report
+from kit.submission import check_submission
+
+
+def test_topk():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    labels = torch.tensor([1, 2])
+    assert topk(probs, labels, 1) == 0.5 and topk(probs, labels, 2) == 1.0
+
+
+def test_greedy_selection_prefers_the_member_that_helps():
+    labels = torch.tensor([0, 1, 2, 0])
+    good = torch.eye(3)[[0, 1, 2, 1]] * 0.9 + 0.05  # 3/4 right
+    bad = torch.eye(3)[[1, 2, 0, 1]] * 0.9 + 0.05  # all wrong
+    weights = greedy_selection([bad, good], labels, rounds=5)
+    assert weights[1] == 1.0 and weights[0] == 0.0
+
+
+def test_evaluate_table_and_selection_file(trained_run, tmp_path):
+    csv, sel = tmp_path / "t.csv", tmp_path / "sel.json"
+    table = evaluate([str(trained_run), str(trained_run)], tta="shift", select=True, csv_out=str(csv),
+                     select_out=str(sel), device="cpu", echo=quiet)
+    assert list(table.member)[-2:] == ["ensemble (mean)", "ensemble (selected)"]
+    assert table.top1.iloc[0] == pytest.approx(table.top1.iloc[2])  # two copies = one member
+    assert pd.read_csv(csv).shape == table.shape and sel.is_file()
+
+
+def test_evaluate_refuses_members_scored_on_different_images(trained_run, demo_data, tmp_path):
+    from kit.recipe import load_recipe
+    from kit.train import train
+    from conftest import tiny_recipe
+    import dataclasses
+    recipe = tiny_recipe(train__epochs=1)
+    split = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, validation="split"))
+    other = train(split, demo_data, tmp_path, "cpu", echo=quiet)
+    with pytest.raises(KitError, match="validates on other images than .*use --split test"):
+        evaluate([str(trained_run), str(other)], tta="none", device="cpu", echo=quiet)
+    table = evaluate([str(trained_run), str(other)], split="test", tta="none", device="cpu", echo=quiet)
+    assert len(table) == 3 and load_recipe(other / "recipe.yaml").data.validation == "split"
+
+
+def test_per_class_numbers_equal_scikit_learn_on_a_known_confusion():
+    # true:      0 0 0 0 1 1 1 2 2 2
+    # predicted: 0 0 1 2 1 1 0 2 2 2   -> class 0: P 2/3, R 2/4; class 1: P 2/3, R 2/3; class 2: P 3/4, R 3/3
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 0, 1, 2, 1, 1, 0, 2, 2, 2])
+    table = per_class_table(labels, predicted, ["a", "b", "c"])
+    assert table.precision[:3].tolist() == pytest.approx([2 / 3, 2 / 3, 3 / 4])
+    assert table.recall[:3].tolist() == pytest.approx([0.5, 2 / 3, 1.0])
+    reference = classification_report(labels, predicted, output_dict=True)
+    for i, name in enumerate("abc"):
+        assert table.f1[i] == pytest.approx(reference[str(i)]["f1-score"])
+        assert table.support[i] == reference[str(i)]["support"]
+    assert table.f1[3] == pytest.approx(reference["macro avg"]["f1-score"])
+
+
+def test_confused_pairs_are_ordered_by_count():
+    matrix = np.array([[5, 3, 0], [1, 6, 0], [0, 4, 2]])
+    pairs = confused_pairs(matrix, ["a", "b", "c"])
+    assert pairs[["true", "predicted", "count"]].values.tolist() == [["c", "b", 4], ["a", "b", 3], ["b", "a", 1]]
+
+
+def test_report_writes_every_part(trained_run, tmp_path):
+    (out,) = report([str(trained_run)], out=str(tmp_path), tta="flip", device="cpu", echo=quiet)
+    assert {"per_class.csv", "confusion.csv", "confusion.png", "confused_pairs.csv", "curves.png", "REPORT.md"} <= {
+        p.name for p in out.iterdir()}
+    text = (out / "REPORT.md").read_text()
+    assert "78,042 parameters" in text and "accuracy: raw" in text and "EMA" in text and "| class |" in text
+    confusion = pd.read_csv(out / "confusion.csv", index_col=0)
+    assert confusion.values.sum() == 300 and list(confusion.columns) == [str(d) for d in range(10)]
+
+
+@pytest.fixture
+def pkl(demo_data):
+    return demo_data / "cifar_test_nolabel.pkl"
+
+
+def _csv(tmp_path, text):
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    return path
+
+
+def _valid_rows(n=300):
+    return "".join(f"{i},{i % 10}\n" for i in range(n))
+
+
+def test_check_submission_accepts_a_valid_csv(tmp_path, pkl):
+    assert check_submission(_csv(tmp_path, "ID,Labels\n" + _valid_rows()), pkl) == 300
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Id,Label\n" + _valid_rows(), "header is Id,Label; expected ID,Labels"),
+    ("ID,Labels\n" + _valid_rows() + "5,1\n", "ID 5 appears more than once"),
+    ("ID,Labels\n" + _valid_rows(299), "1 ids of .* have no row \\(e.g. 299\\)"),
+    ("ID,Labels\n" + _valid_rows() + "999,1\n", "ID 999 is not in"),
+    ("ID,Labels\n" + _valid_rows(299) + "299,10\n", "label 10 \\(ID 299\\) is outside 0..9"),
+    ("ID,Labels\n" + _valid_rows(299) + "299,cat\n", "row 301: Labels 'cat' is not an integer"),
+    ("", "not a readable CSV"),
+])
+def test_check_submission_catches_each_defect(tmp_path, pkl, text, message):
+    with pytest.raises(KitError, match=message):
+        check_submission(_csv(tmp_path, text), pkl)
