@@ -55,7 +55,6 @@ class Session:
     schedule: LRSchedule
     scaler: torch.amp.GradScaler | None
     augment: BatchAugment
-    loss_fn: nn.Module
     hooks: StepHooks
     prec: Precision
     gen: torch.Generator
@@ -101,5 +100,5 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
                       ema, model, scaler)
     gen = torch.Generator(device=device)
     gen.manual_seed(spec.seed)
-    return Session(model, step_model, ema, optimizer, schedule, scaler, augment, loss_fn, hooks, prec, gen,
+    return Session(model, step_model, ema, optimizer, schedule, scaler, augment, hooks, prec, gen,
                    train, to_device(dataset.val, device), mean, std, count_parameters(model))

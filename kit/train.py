@@ -2,6 +2,7 @@
 best.pt, last.pt, curves.png). Resume continues a run directory from last.pt, bit-exactly."""
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ class Run:
 
     def train_epoch(self) -> EpochResult:
         s, spec = self.s, self.recipe.train
-        with _progress(self.epoch + 1, spec.epochs, len(s.train) // spec.batch_size, s.optimizer) as progress:
+        with EpochProgress(self.epoch + 1, spec.epochs, len(s.train) // spec.batch_size, s.optimizer) as progress:
             return train_one_epoch(s.step_model, s.train, s.augment, s.hooks, self.state,
                                    spec.batch_size, s.gen, s.prec, progress=progress)
 
@@ -97,7 +98,7 @@ class Run:
                "images_per_s": result.images / max(result.seconds, 1e-9)}
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
         self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
-        score, source = max((val_acc, "raw"), (ema_acc if ema_acc == ema_acc else -1.0, "ema"))
+        score, source = max((val_acc, "raw"), (-1.0 if math.isnan(ema_acc) else ema_acc, "ema"))
         if score > self.best_acc:
             self.best_acc, self.best_epoch, self.best_source = score, self.epoch, source
         return row
@@ -134,13 +135,13 @@ class Run:
 
 
 def _summary(row: dict, epochs: int) -> str:
-    ema = "" if row["ema_val_acc"] != row["ema_val_acc"] else f" ema_val_acc {row['ema_val_acc']:.2%}"
+    ema = "" if math.isnan(row["ema_val_acc"]) else f" ema_val_acc {row['ema_val_acc']:.2%}"
     return (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
             f"train_acc {row['train_acc']:.2%} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%}{ema} "
             f"{row['seconds']:.1f}s {row['images_per_s']:,.0f} img/s")
 
 
-class _progress:
+class EpochProgress:
     """A tqdm bar on a terminal; nothing otherwise (the epoch summary line is printed either way)."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, optimizer):

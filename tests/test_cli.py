@@ -103,3 +103,18 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kit.cli", "train", str(bad)], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_prints_both_loops_and_the_ratio():
+    code, out = run("bench", ROOT / "recipes" / "demo.yaml", "--steps", 2, "--warmup", 1, "--device", "cpu")
+    assert code == 0, out
+    kit_rate = float(out.split("kit engine")[1].split("): ")[1].split(" images/s")[0].replace(",", ""))
+    base_rate = float(out.split("fp32): ")[1].split(" images/s")[0].replace(",", ""))
+    ratio = float(out.strip().splitlines()[-1].removeprefix("ratio: ").removesuffix("x"))
+    assert kit_rate > 0 and base_rate > 0 and ratio == pytest.approx(kit_rate / base_rate, rel=0.01)
+
+
+def test_data_demo_command(tmp_path):
+    code, out = run("data", "demo", tmp_path / "d")
+    assert code == 0 and (tmp_path / "d" / "cifar-10-batches-py" / "test_batch").is_file()
+    assert (tmp_path / "d" / "test_labels.csv").is_file() and (tmp_path / "d" / "cifar_test_nolabel.pkl").is_file()

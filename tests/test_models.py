@@ -50,8 +50,17 @@ def test_width_multiplier_scales_channels():
 def test_dropout_position_branch_keeps_identity_path():
     cfg = ResNetConfig(blocks=(1,), channels=(8,), dropout=0.9, dropout_position="branch")
     block = ResNet(cfg, 10).stage1[0]
-    assert any(isinstance(m, torch.nn.Dropout) for m in block.residual)
+    assert any(isinstance(m, torch.nn.Dropout) for m in block.residual.modules())
     assert isinstance(block.dropout, torch.nn.Identity)
+    x = torch.randn(4, 8, 8, 8)
+    block.eval()
+    assert torch.equal(block(x), block(x))  # dropout is off in eval
+
+
+def test_dropout_position_does_not_change_state_dict_keys():
+    keys = [ResNet(ResNetConfig(blocks=(1, 1), channels=(8, 16), dropout=0.5, dropout_position=p), 10).state_dict().keys()
+            for p in ("branch", "output")]
+    assert list(keys[0]) == list(keys[1]) == list(ResNet(ResNetConfig(blocks=(1, 1), channels=(8, 16)), 10).state_dict())
 
 
 def test_oversized_fixed_pool_is_an_error():

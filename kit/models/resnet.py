@@ -46,8 +46,13 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
-def _branch_dropout(cfg: ResNetConfig) -> list[nn.Module]:
-    return [nn.Dropout(cfg.dropout)] if cfg.dropout and cfg.dropout_position == "branch" else []
+def _act_then_dropout(cfg: ResNetConfig) -> nn.Module:
+    """The branch's first activation, followed by dropout when it sits in the branch. One slot either
+    way, so the state-dict keys do not depend on where the dropout is."""
+    act = ACTIVATIONS[cfg.activation]()
+    if cfg.dropout and cfg.dropout_position == "branch":
+        return nn.Sequential(act, nn.Dropout(cfg.dropout))
+    return act
 
 
 def _output_dropout(cfg: ResNetConfig) -> nn.Module:
@@ -59,7 +64,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         act = ACTIVATIONS[cfg.activation]
         self.residual = nn.Sequential(
-            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), *_branch_dropout(cfg),
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), _act_then_dropout(cfg),
             _conv(cout, cout, 3), nn.BatchNorm2d(cout))
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
@@ -77,7 +82,7 @@ class PreActBlock(nn.Module):
         act = ACTIVATIONS[cfg.activation]
         self.pre = nn.Sequential(nn.BatchNorm2d(cin), act())
         self.residual = nn.Sequential(
-            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), act(), *_branch_dropout(cfg), _conv(cout, cout, 3))
+            _conv(cin, cout, 3, stride), nn.BatchNorm2d(cout), _act_then_dropout(cfg), _conv(cout, cout, 3))
         self.shortcut = None
         if stride != 1 or cin != cout:
             self.shortcut = _conv(cin, cout, cfg.shortcut_kernel, stride)
