@@ -12,13 +12,18 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the reposito
 
 
 class KitGroup(click.Group):
-    """Turns KitError (and a few OS errors) into `error: ...` on stderr, exit 2, no traceback."""
+    """Turns KitError and OS errors (an unwritable output path, a full disk) into `error: ...` on stderr,
+    exit 2, no traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KitError as err:
             click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{err.strerror or err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: the last completed epoch's checkpoint is kept (kit train --resume RUN)", err=True)

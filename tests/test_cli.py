@@ -118,3 +118,11 @@ def test_data_demo_command(tmp_path):
     code, out = run("data", "demo", tmp_path / "d")
     assert code == 0 and (tmp_path / "d" / "cifar-10-batches-py" / "test_batch").is_file()
     assert (tmp_path / "d" / "test_labels.csv").is_file() and (tmp_path / "d" / "cifar_test_nolabel.pkl").is_file()
+
+
+def test_unwritable_output_is_a_one_line_error(trained_run, demo_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out = run("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", blocker / "s.csv",
+                    "--device", "cpu")
+    assert_one_line_error(code, out, str(blocker))
