@@ -20,9 +20,11 @@ from kit.tta import tta_views
 
 def held_out(members: list[Member], data_root: str | None, split: str) -> Split:
     """The labelled images every member is scored on; they must agree on it."""
-    chosen, first = None, None
+    chosen, first, loaded = None, None, {}
     for m in members:
-        data = load_dataset(m.recipe.data, data_root, split).val
+        if m.recipe.data not in loaded:  # members of one recipe family share their data: read it once
+            loaded[m.recipe.data] = load_dataset(m.recipe.data, data_root, split).val
+        data = loaded[m.recipe.data]
         if chosen is None:
             chosen, first = data, m
         elif len(data) != len(chosen) or not torch.equal(data.labels, chosen.labels) or not torch.equal(data.images, chosen.images):

@@ -32,7 +32,11 @@ class Member:
 
 def load_member(path: str | Path, weights_from: str, device: torch.device) -> Member:
     """A run directory (its best.pt) or checkpoint, with raw, EMA or whichever scored best."""
-    ckpt = load_checkpoint(path)
+    return member_from_checkpoint(load_checkpoint(path), path, weights_from, device)
+
+
+def member_from_checkpoint(ckpt: dict, path: str | Path, weights_from: str, device: torch.device) -> Member:
+    """Build the member a loaded checkpoint describes (`path` as given by the user: names the member)."""
     source = ckpt["path"]
     recipe = recipe_from_dict(ckpt["recipe"], source)
     model = build_model(recipe, source, check_budget=False)

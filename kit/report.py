@@ -13,7 +13,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from kit.data import load_dataset
 from kit.engine import Precision
 from kit.io import write_text
-from kit.members import load_member
+from kit.checkpoint import load_checkpoint
+from kit.members import member_from_checkpoint
 from kit.plots import plot_confusion, plot_curves
 from kit.session import resolve_device
 from kit.tta import tta_views
@@ -48,7 +49,8 @@ class RunScores:
 
 def score_run(path: str, data_root: str | None, split: str, tta: str | None, device: torch.device):
     """Accuracy of raw, EMA and best-weights-with-TTA (default: the recipe's views) on the run's held-out data."""
-    best = load_member(path, "best", device)
+    ckpt = load_checkpoint(path)
+    best = member_from_checkpoint(ckpt, path, "best", device)
     tta = tta or best.recipe.predict.tta
     data = load_dataset(best.recipe.data, data_root, split).val
     prec = Precision(device, torch.bfloat16 if device.type == "cuda" else None)
@@ -58,16 +60,12 @@ def score_run(path: str, data_root: str | None, split: str, tta: str | None, dev
         predicted = member.probs(data.images, views, best.recipe.predict.batch_size, prec).argmax(1).numpy()
         return float((predicted == labels).mean()), predicted
 
-    raw = accuracy(load_member(path, "raw", device), tta_views("none"))[0]
-    has_ema = best.weights_used == "ema" or _has_ema(path)
-    ema = accuracy(load_member(path, "ema", device), tta_views("none"))[0] if has_ema else None
+    raw = accuracy(member_from_checkpoint(ckpt, path, "raw", device), tta_views("none"))[0]
+    ema = None
+    if ckpt.get("ema") is not None:
+        ema = accuracy(member_from_checkpoint(ckpt, path, "ema", device), tta_views("none"))[0]
     tta_acc, predicted = accuracy(best, tta_views(tta))
     return best, labels, tta, RunScores(raw, ema, tta_acc, predicted)
-
-
-def _has_ema(path: str) -> bool:
-    from kit.checkpoint import load_checkpoint
-    return load_checkpoint(path).get("ema") is not None
 
 
 def report_run(path: str, out_dir: Path, data_root: str | None, split: str, tta: str | None, device: torch.device) -> Path:
