@@ -10,10 +10,10 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from kit.checkpoint import load_checkpoint
 from kit.data import load_dataset
 from kit.engine import Precision
 from kit.io import write_text
-from kit.checkpoint import load_checkpoint
 from kit.members import member_from_checkpoint
 from kit.plots import plot_confusion, plot_curves
 from kit.session import resolve_device
@@ -44,6 +44,7 @@ class RunScores:
     raw: float
     ema: float | None
     tta: float
+    tta_name: str  # the views used: the given --tta, or the recipe's predict.tta
     predicted: np.ndarray  # with the best weights and TTA
 
 
@@ -65,12 +66,13 @@ def score_run(path: str, data_root: str | None, split: str, tta: str | None, dev
     if ckpt.get("ema") is not None:
         ema = accuracy(member_from_checkpoint(ckpt, path, "ema", device), tta_views("none"))[0]
     tta_acc, predicted = accuracy(best, tta_views(tta))
-    return best, labels, tta, RunScores(raw, ema, tta_acc, predicted)
+    return best, labels, RunScores(raw, ema, tta_acc, tta, predicted)
 
 
 def report_run(path: str, out_dir: Path, data_root: str | None, split: str, tta: str | None, device: torch.device) -> Path:
     """Write the per-class tables, confusion matrix, curves and REPORT.md of one run into out_dir."""
-    member, labels, tta, scores = score_run(path, data_root, split, tta, device)
+    member, labels, scores = score_run(path, data_root, split, tta, device)
+    tta = scores.tta_name
     classes = member.classes
     matrix = confusion_matrix(labels, scores.predicted, labels=list(range(len(classes))))
     per_class = per_class_table(labels, scores.predicted, classes)
