@@ -17,7 +17,8 @@ from kit.engine import TrainState, train_one_epoch
 from kit.models import build_model
 from kit.optim import build_optimizer
 from kit.recipe import AugmentSpec, Recipe
-from kit.session import build_session, resolve_device, seed_everything
+from kit.device import resolve_device
+from kit.session import build_session, seed_everything
 
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training-set size
 

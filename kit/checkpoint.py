@@ -1,15 +1,43 @@
-"""Checkpoints: self-describing (recipe, classes, normalization, parameter count), written atomically,
-loadable with torch.load(weights_only=True)."""
+"""The checkpoint format, defined once: what a training checkpoint (`.pt`) and an exported weights file
+(`.safetensors`) hold, how they are written (atomically) and read (`torch.load(weights_only=True)`), and
+how one becomes a `Checkpoint`: a model rebuilt from its recipe, ready for batched inference.
 
+Vocabulary: what predict, evaluate and report take is a *checkpoint*: a `.pt` or `.safetensors` file, or
+a run directory standing for its `best.pt`. `weights_from` is the raw/EMA choice everywhere (`best`: the
+one that scored higher on validation at the best epoch)."""
+
+import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from kit import __version__
+from kit.device import Precision
 from kit.errors import KitError
 from kit.io import atomic_path
+from kit.recipe import Recipe, recipe_from_dict
+
+WEIGHTS_FROM = ("best", "ema", "raw")
+SAFETENSORS_FORMAT = "kit-weights-1"  # metadata["format"] of an exported .safetensors file
+
+
+def training_payload(*, model: nn.Module, ema_model: nn.Module | None, optimizer_state: dict, scheduler_state: dict,
+                     scaler_state: dict | None, epoch: int, planned_epochs: int, num_updates: int, rng: dict,
+                     recipe: dict, classes: list[str], num_params: int, mean: list[float], std: list[float],
+                     best_acc: float, best_epoch: int, best_weights_from: str, world_size: int = 1) -> dict:
+    """Everything `kit train --resume` needs and everything predict/evaluate/report read."""
+    return {
+        "model": model.state_dict(), "ema": None if ema_model is None else ema_model.state_dict(),
+        "optimizer": optimizer_state, "scheduler": scheduler_state, "scaler": scaler_state,
+        "epoch": epoch, "planned_epochs": planned_epochs, "num_updates": num_updates, "rng": rng,
+        "recipe": recipe, "classes": classes, "num_params": num_params, "mean": mean, "std": std,
+        "best_acc": best_acc, "best_epoch": best_epoch, "best_weights_from": best_weights_from,
+        "world_size": world_size,
+    }
 
 
 def rng_state(gen: torch.Generator) -> dict:
@@ -18,22 +46,27 @@ def rng_state(gen: torch.Generator) -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": gen.get_state(),
+        "data": gen.get_state(), "data_device": gen.device.type,
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": random.getstate(),
     }
 
 
-def restore_rng(state: dict, gen: torch.Generator) -> None:
-    """Put every random stream back where `rng_state` found it."""
+def restore_rng(state: dict, gen: torch.Generator) -> bool:
+    """Put every random stream back where `rng_state` found it. The data stream of a run saved on another
+    device type (CUDA's Philox state does not fit the CPU's Mersenne Twister) cannot continue: returns
+    False and leaves `gen` as seeded, so the run goes on with a fresh stream."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    gen.set_state(state["data"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
+    if state.get("data_device", gen.device.type) != gen.device.type:
+        return False
+    gen.set_state(state["data"])
+    return True
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
@@ -43,18 +76,101 @@ def save_checkpoint(payload: dict, path: Path) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file, or a run directory (its best.pt)."""
+def read_payload(path: str | Path) -> dict:
+    """A checkpoint's contents: a `.pt` file, a `.safetensors` file from `kit export`, or a run directory
+    (its best.pt). `payload['path']` is the file read."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
-        raise KitError(f"{path}: checkpoint not found (give a run directory or a .pt file)")
+        raise KitError(f"{path}: checkpoint not found (give a run directory, a .pt or a .safetensors file)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
         raise KitError(f"{path}: not a readable kit checkpoint ({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
+    if not isinstance(payload, dict) or "model" not in payload or "recipe" not in payload:
         raise KitError(f"{path}: not a kit checkpoint (no model weights and recipe inside)")
-    ckpt["path"] = str(path)
-    return ckpt
+    payload.setdefault("best_weights_from", payload.get("best_source", "raw"))  # checkpoints before 0.2 said best_source
+    payload["path"] = str(path)
+    return payload
+
+
+def safetensors_metadata(payload: dict, weights_from: str) -> dict[str, str]:
+    """What an exported file carries besides its tensors (safetensors metadata is str -> str)."""
+    return {"format": SAFETENSORS_FORMAT, "recipe": json.dumps(payload["recipe"]), "classes": json.dumps(payload["classes"]),
+            "mean": json.dumps(payload["mean"]), "std": json.dumps(payload["std"]), "num_params": str(payload["num_params"]),
+            "weights_from": weights_from, "exported_from": payload["path"], "kit_version": __version__}
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise KitError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise KitError(f"{path}: a safetensors file without kit's metadata (write it with `kit export --format safetensors`)")
+    stored = meta["weights_from"]
+    return {"model": state, "ema": None, "recipe": json.loads(meta["recipe"]), "classes": json.loads(meta["classes"]),
+            "mean": json.loads(meta["mean"]), "std": json.loads(meta["std"]), "num_params": int(meta["num_params"]),
+            "best_weights_from": "raw", "exported_weights_from": stored, "path": str(path)}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint rebuilt as a model in eval mode on a device, with what inference needs."""
+    name: str  # the run directory's name, or <folder>/<file stem>
+    path: str  # the file read
+    recipe: Recipe
+    model: nn.Module
+    classes: list[str]
+    num_params: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    weights_from: str  # raw or ema: the weights actually loaded
+
+    def probs(self, images: torch.Tensor, views: list, batch_size: int, prec: Precision) -> torch.Tensor:
+        """(N, K) softmax probabilities averaged over the TTA `views`."""
+        from kit.engine import predict_probs
+        return predict_probs(self.model, images, self.mean.to(prec.device), self.std.to(prec.device), views, batch_size, prec)
+
+
+def load_checkpoint(path: str | Path, weights_from: str, device: torch.device) -> Checkpoint:
+    """A run directory (its best.pt) or a checkpoint file, with raw, EMA or whichever scored best."""
+    return checkpoint_from_payload(read_payload(path), path, weights_from, device)
+
+
+def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, device: torch.device) -> Checkpoint:
+    """Build the model a read payload describes (`path` as the user gave it: it names the checkpoint)."""
+    from kit.models import build_model
+    source = payload["path"]
+    recipe = recipe_from_dict(payload["recipe"], source)
+    model = build_model(recipe, source, check_budget=False)
+    chosen, state = _choose_weights(payload, weights_from)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise KitError(f"{source}: weights do not fit the model its recipe builds ({str(err).splitlines()[0]})") from None
+    model.to(device).eval()
+    name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
+    return Checkpoint(name, source, recipe, model, list(payload["classes"]), int(payload["num_params"]),
+                      torch.tensor(payload["mean"]), torch.tensor(payload["std"]), chosen)
+
+
+def _choose_weights(payload: dict, weights_from: str) -> tuple[str, dict]:
+    source = payload["path"]
+    if "exported_weights_from" in payload:  # an export holds one set of weights
+        stored = payload["exported_weights_from"]
+        if weights_from not in ("best", stored):
+            raise KitError(f"{source}: holds only the {stored} weights (exported with --weights-from {stored})")
+        return stored, payload["model"]
+    chosen = payload["best_weights_from"] if weights_from == "best" else weights_from
+    if chosen == "ema" and payload.get("ema") is None:
+        if weights_from == "ema":
+            raise KitError(f"{source}: has no EMA weights (its recipe has train.ema_decay: null); use --weights-from raw")
+        chosen = "raw"
+    return chosen, payload["ema"] if chosen == "ema" else payload["model"]

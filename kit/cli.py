@@ -72,17 +72,19 @@ def params_cmd(recipe, overrides):
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue this run from its last.pt.")
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--out", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
+@click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @device_option
-def train_cmd(recipe, overrides, resume_dir, data_root, out_root, device):
-    """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR."""
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, device):
+    """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device)."""
     from kit.recipe import load_recipe
     from kit.train import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
+    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
     if resume_dir:
-        run = resume(resume_dir, tuple(overrides), data_root, device)
+        run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)
     else:
-        run = train(load_recipe(recipe, tuple(overrides)), data_root, out_root, device)
+        run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
     click.echo(f"run: {run}")
 
 
@@ -95,7 +97,7 @@ def data_cmd():
 @click.argument("out_dir")
 def data_demo_cmd(out_dir):
     """scikit-learn's digits in the CIFAR-10 layout, plus cifar_test_nolabel.pkl and test_labels.csv."""
-    from kit.datasets import make_demo_data
+    from kit.data import make_demo_data
     click.echo(f"demo data: {make_demo_data(out_dir)}")
 
 
@@ -104,7 +106,7 @@ def data_demo_cmd(out_dir):
 @click.argument("out_dir")
 def data_download_cmd(dataset, out_dir):
     """torchvision's download of CIFAR-10/100 (needs internet)."""
-    from kit.datasets import download_cifar
+    from kit.data import download_cifar
     click.echo(f"downloaded: {download_cifar(dataset, out_dir)}")
 
 
@@ -120,45 +122,61 @@ def bench_cmd(recipe, overrides, steps, warmup, batch_size, data_root, device):
     """Training images/s of the kit engine vs a seed-style DataLoader loop, and the ratio."""
     from kit.bench import bench
     from kit.recipe import load_recipe
-    bench(load_recipe(recipe, tuple(overrides)), steps, batch_size, data_root, device, warmup)
+    bench(load_recipe(recipe, tuple(overrides)), steps=steps, batch_size=batch_size, data_root=data_root, device=device,
+          warmup=warmup)
 
 
 weights_from_option = click.option("--weights-from", type=click.Choice(["best", "ema", "raw"]), default="best",
                                    show_default=True, help="Which weights of each checkpoint: the better-scoring, EMA or raw.")
+checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
 
 
 @cli.command("predict")
-@click.argument("runs", nargs=-1, required=True)
+@checkpoints_argument
 @click.option("--test", "test_path", required=True, metavar="PKL", help="Unlabelled test pickle {b'data', b'ids'}.")
 @tta_option
-@click.option("--weights", metavar="W", help="Comma-separated member weights, or a selection file from kit evaluate --select.")
+@click.option("--blend", metavar="W", help="Comma-separated ensemble weights, or a selection file from kit evaluate --select.")
 @weights_from_option
-@click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one member) or submissions/ensemble.csv.")
+@click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one checkpoint) or submissions/ensemble.csv.")
 @click.option("--batch-size", default=1000, show_default=True)
 @device_option
-def predict_cmd(runs, test_path, tta, weights, weights_from, out, batch_size, device):
-    """Ensemble RUNS (run directories or .pt files) with TTA on a test pickle; write ID,Labels CSV + probs."""
+def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, device):
+    """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test
+    pickle; write ID,Labels CSV + probs."""
     from kit.predict import predict
-    predict(list(runs), test_path, tta, weights, weights_from, out, batch_size, device)
+    predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
+            batch_size=batch_size, device=device)
 
 
 @cli.command("evaluate")
-@click.argument("runs", nargs=-1, required=True)
+@checkpoints_argument
 @click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="val: the runs' validation set; test: the labelled test_batch.")
 @tta_option
 @click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
 @click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
-@click.option("--select-out", metavar="JSON", help="Write the selected weights here, for kit predict --weights.")
+@click.option("--select-out", metavar="JSON", help="Write the selected blend here, for kit predict --blend.")
 @click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
 @weights_from_option
 @click.option("--batch-size", default=1000, show_default=True)
 @device_option
-def evaluate_cmd(runs, data_root, split, tta, select, rounds, select_out, csv_out, weights_from, batch_size, device):
-    """Top-1 (and top-5 for 100 classes) of each member and the ensemble, with and without TTA."""
+def evaluate_cmd(checkpoints, data_root, split, tta, select, rounds, select_out, csv_out, weights_from, batch_size, device):
+    """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
     from kit.evaluate import evaluate
-    evaluate(list(runs), data_root, split, tta, select, rounds, weights_from, csv_out, select_out, batch_size, device)
+    evaluate(list(checkpoints), data_root=data_root, split=split, tta=tta, select=select, rounds=rounds,
+             weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device)
+
+
+@cli.command("export")
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "torchscript"]), required=True)
+@weights_from_option
+@click.option("--out", metavar="FILE", help="Default: beside the checkpoint file, with the format's extension.")
+def export_cmd(checkpoint, fmt, weights_from, out):
+    """Export CHECKPOINT's weights: safetensors (a predict/evaluate checkpoint again), ONNX or TorchScript."""
+    from kit.export import export
+    export(checkpoint, fmt, weights_from=weights_from, out=out)
 
 
 @cli.command("check-submission")
@@ -173,16 +191,16 @@ def check_submission_cmd(csv_path, test_path, num_classes):
 
 
 @cli.command("report")
-@click.argument("runs", nargs=-1, required=True)
+@checkpoints_argument
 @click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
 @click.option("--out", metavar="DIR", help="Write OUT/<run>/ (default: RUN/report/).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @tta_option
 @device_option
-def report_cmd(runs, data_root, out, split, tta, device):
-    """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per run."""
+def report_cmd(checkpoints, data_root, out, split, tta, device):
+    """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per checkpoint."""
     from kit.report import report
-    report(list(runs), data_root, out, split, tta, device)
+    report(list(checkpoints), data_root=data_root, out=out, split=split, tta=tta, device=device)
 
 
 @cli.command("demo")
@@ -195,7 +213,7 @@ def demo_cmd(workdir, submission, device):
     recipe = RECIPES_DIR / "demo.yaml"
     if not recipe.is_file():
         raise KitError(f"{recipe}: the demo recipe is missing (install kit from its repository: pip install -e .)")
-    demo(recipe, workdir, submission, device)
+    demo(recipe, workdir=workdir, submission=submission, device=device)
 
 
 def main():

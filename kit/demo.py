@@ -8,7 +8,7 @@ from typing import Callable
 
 import pandas as pd
 
-from kit.datasets import make_demo_data
+from kit.data import make_demo_data
 from kit.predict import predict
 from kit.recipe import load_recipe
 from kit.report import report
@@ -33,7 +33,7 @@ def demo(recipe_path: Path, workdir: str | Path = "runs/demo", submission: str |
     runs = []
     for seed in DEMO_SEEDS:
         recipe = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
-        runs.append(str(train(recipe, data, workdir, device, echo=echo)))
+        runs.append(str(train(recipe, data_root=data, out_root=workdir, device=device, echo=echo)))
     csv_path = predict(runs, str(data / "cifar_test_nolabel.pkl"), out=str(submission), device=device, echo=echo)
     report(runs[:1], device=device, echo=echo)
     accuracy = submission_accuracy(csv_path, data / "test_labels.csv")

@@ -1,7 +1,6 @@
 """The training step loop and batched inference. Knows nothing about recipes files, runs or the CLI."""
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -11,22 +10,7 @@ from torch import nn
 
 from kit.augment import normalize, to_float
 from kit.data import Split
-
-
-@dataclass
-class Precision:
-    """Where and how the math runs: device, autocast dtype (None: fp32), memory format."""
-    device: torch.device
-    dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+from kit.device import Precision
 
 
 class ForwardLoss(nn.Module):

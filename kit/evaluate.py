@@ -1,4 +1,4 @@
-"""`kit evaluate`: accuracy of each member and of the ensemble on labelled data, with and without
+"""`kit evaluate`: accuracy of each checkpoint and of the ensemble on labelled data, with and without
 TTA; `--select` runs greedy ensemble selection with replacement (Caruana et al., 2004)."""
 
 import json
@@ -9,26 +9,26 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from kit.checkpoint import Checkpoint
 from kit.data import Split, load_dataset
-from kit.engine import Precision
+from kit.device import Precision, inference_precision, resolve_device
+from kit.ensemble import ensemble_probs, expand_paths, load_checkpoints
 from kit.errors import KitError
 from kit.io import write_text
-from kit.members import Member, ensemble_probs, load_members
-from kit.session import resolve_device
 from kit.tta import tta_views
 
 
-def held_out(members: list[Member], data_root: str | None, split: str) -> Split:
-    """The labelled images every member is scored on; they must agree on it."""
+def held_out(checkpoints: list[Checkpoint], data_root: str | None, split: str) -> Split:
+    """The labelled images every checkpoint is scored on; they must agree on it."""
     chosen, first, loaded = None, None, {}
-    for m in members:
-        if m.recipe.data not in loaded:  # members of one recipe family share their data: read it once
-            loaded[m.recipe.data] = load_dataset(m.recipe.data, data_root, split).val
-        data = loaded[m.recipe.data]
+    for c in checkpoints:
+        if c.recipe.data not in loaded:  # checkpoints of one recipe family share their data: read it once
+            loaded[c.recipe.data] = load_dataset(c.recipe.data, data_root, split).val
+        data = loaded[c.recipe.data]
         if chosen is None:
-            chosen, first = data, m
+            chosen, first = data, c
         elif len(data) != len(chosen) or not torch.equal(data.labels, chosen.labels) or not torch.equal(data.images, chosen.images):
-            raise KitError(f"{m.path}: validates on other images than {first.path} (a split vs the test_batch?); "
+            raise KitError(f"{c.path}: validates on other images than {first.path} (a split vs the test_batch?); "
                            f"use --split test to score all of them on the test_batch")
     return chosen
 
@@ -39,8 +39,8 @@ def topk(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def greedy_selection(probs: list[torch.Tensor], labels: torch.Tensor, rounds: int) -> list[float]:
-    """Caruana et al. (2004): repeatedly add (with replacement) the member that most improves the
-    ensemble's accuracy (ties: lower log-loss); keep the best prefix. Returns one weight per member."""
+    """Caruana et al. (2004): repeatedly add (with replacement) the checkpoint that most improves the
+    ensemble's accuracy (ties: lower log-loss); keep the best prefix. Returns one blend weight per checkpoint."""
     counts, best_counts, best_score = [0] * len(probs), None, None
     total = torch.zeros_like(probs[0])
     for _ in range(rounds):
@@ -60,47 +60,50 @@ def greedy_selection(probs: list[torch.Tensor], labels: torch.Tensor, rounds: in
 
 @dataclass
 class Scored:
-    plain: list[torch.Tensor]  # per member, no TTA
-    tta: list[torch.Tensor]  # per member, with TTA
+    plain: list[torch.Tensor]  # per checkpoint, the identity view only
+    with_views: list[torch.Tensor]  # per checkpoint, averaged over the TTA views
 
 
-def score_members(members: list[Member], data: Split, views: list, batch_size: int, prec: Precision) -> Scored:
-    plain = [m.probs(data.images, tta_views("none"), batch_size, prec) for m in members]
-    tta = [m.probs(data.images, views, batch_size, prec) for m in members] if len(views) > 1 else plain
-    return Scored(plain, tta)
+def score_checkpoints(checkpoints: list[Checkpoint], data: Split, views: list, batch_size: int, prec: Precision) -> Scored:
+    images = data.images.to(prec.device)
+    plain = [c.probs(images, tta_views("none"), batch_size, prec) for c in checkpoints]
+    with_views = [c.probs(images, views, batch_size, prec) for c in checkpoints] if len(views) > 1 else plain
+    return Scored(plain, with_views)
 
 
-def _row(name: str, params: int, plain: torch.Tensor, tta: torch.Tensor, labels: torch.Tensor, top5: bool) -> dict:
-    row = {"member": name, "parameters": params, "top1": topk(plain, labels, 1), "top1_tta": topk(tta, labels, 1)}
+def _row(name: str, params: int, plain: torch.Tensor, with_views: torch.Tensor, labels: torch.Tensor, top5: bool) -> dict:
+    row = {"checkpoint": name, "parameters": params, "top1": topk(plain, labels, 1), "top1_tta": topk(with_views, labels, 1)}
     if top5:
-        row.update(top5=topk(plain, labels, 5), top5_tta=topk(tta, labels, 5))
+        row.update(top5=topk(plain, labels, 5), top5_tta=topk(with_views, labels, 5))
     return row
 
 
 def evaluate(paths: list[str], data_root: str | None = None, split: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int = 1000, device: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """Print and write the accuracy table; with `select`, also the chosen weights (and a selection file)."""
+    """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
+    A sweep folder stands for its completed trials."""
     dev = resolve_device(device)
-    members = load_members(paths, weights_from, dev)
-    data = held_out(members, data_root, split)
-    tta = tta or members[0].recipe.predict.tta
-    prec = Precision(dev, torch.bfloat16 if dev.type == "cuda" else None)
-    scored = score_members(members, data, tta_views(tta), batch_size, prec)
-    labels, top5 = data.labels, len(members[0].classes) > 10
-    rows = [_row(m.name, m.num_params, p, t, labels, top5) for m, p, t in zip(members, scored.plain, scored.tta)]
-    total = sum(m.num_params for m in members)
-    rows.append(_row("ensemble (mean)", total, ensemble_probs(scored.plain), ensemble_probs(scored.tta), labels, top5))
+    paths = expand_paths(paths)
+    checkpoints = load_checkpoints(paths, weights_from, dev)
+    data = held_out(checkpoints, data_root, split)
+    tta = tta or checkpoints[0].recipe.predict.tta
+    scored = score_checkpoints(checkpoints, data, tta_views(tta), batch_size, inference_precision(dev))
+    labels, top5 = data.labels, len(checkpoints[0].classes) > 10
+    rows = [_row(c.name, c.num_params, p, v, labels, top5) for c, p, v in zip(checkpoints, scored.plain, scored.with_views)]
+    total = sum(c.num_params for c in checkpoints)
+    rows.append(_row("ensemble (mean)", total, ensemble_probs(scored.plain), ensemble_probs(scored.with_views), labels, top5))
     if select:
-        weights = greedy_selection(scored.tta, labels, rounds)
-        used = sum(m.num_params for m, w in zip(members, weights) if w > 0)
-        rows.append(_row("ensemble (selected)", used, ensemble_probs(scored.plain, weights), ensemble_probs(scored.tta, weights), labels, top5))
-        echo("selected: " + ", ".join(f"{m.name} {w:.3f}" for m, w in zip(members, weights) if w > 0))
+        blend = greedy_selection(scored.with_views, labels, rounds)
+        used = sum(c.num_params for c, w in zip(checkpoints, blend) if w > 0)
+        rows.append(_row("ensemble (selected)", used, ensemble_probs(scored.plain, blend),
+                         ensemble_probs(scored.with_views, blend), labels, top5))
+        echo("selected: " + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(checkpoints, blend) if w > 0))
         if select_out:
-            selection = {"weights": {str(Path(p).resolve()): w for p, w in zip(paths, weights) if w > 0},
+            selection = {"blend": {str(Path(p).resolve()): w for p, w in zip(paths, blend) if w > 0},
                          "tta": tta, "split": split, "top1_tta": rows[-1]["top1_tta"]}
             write_text(select_out, json.dumps(selection, indent=2))
-            echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --weights {select_out} --tta {tta})")
+            echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --blend {select_out} --tta {tta})")
     table = pd.DataFrame(rows)
     echo(f"{split} set: {len(labels):,} labelled images, tta {tta}")
     echo(table.to_string(index=False, formatters={c: "{:.2%}".format for c in table.columns if c.startswith("top")}))

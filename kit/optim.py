@@ -102,6 +102,18 @@ class LRSchedule:
             self.impl.step(epochs_done)
 
 
+DEVICE_FLAGS = ("fused", "foreach", "capturable")  # how a group steps on this device, not what it learned
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """load_state_dict, keeping this optimizer's device flags: a state saved with a fused CUDA optimizer
+    then steps with the CPU's kernels, and the other way round."""
+    flags = [{k: g[k] for k in DEVICE_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The first parameter group's learning rate."""
     return float(optimizer.param_groups[0]["lr"])

@@ -43,18 +43,16 @@ def plot_curves(metrics: pd.DataFrame, path: Path, title: str = "") -> None:
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
-    """Confusion matrix with class names on both axes and counts in the cells."""
+    """Confusion matrix with class names on both axes and counts in the cells (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
     size = max(5, 0.45 * len(classes))
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    display = ConfusionMatrixDisplay(matrix, display_labels=classes)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=60, include_values=len(classes) <= 20,
+                 text_kw={"fontsize": 7})
+    ax.tick_params(labelsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if len(classes) <= 20:
-        threshold = matrix.max() / 2
-        for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black")
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)

@@ -84,6 +84,8 @@ class TrainSpec:
     channels_last: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     eval_batch_size: int = positive(1000)
+    deterministic: bool = False  # deterministic kernels only (repeatable GPU runs, slower); the CPU is always repeatable
+    log: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in the run directory (pip install kit[tensorboard])
 
 
 @dataclass(frozen=True)

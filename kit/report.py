@@ -10,13 +10,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from kit.checkpoint import load_checkpoint
+from kit.checkpoint import Checkpoint, checkpoint_from_payload, read_payload
 from kit.data import load_dataset
-from kit.engine import Precision
+from kit.device import inference_precision, resolve_device
 from kit.io import write_text
-from kit.members import member_from_checkpoint
 from kit.plots import plot_confusion, plot_curves
-from kit.session import resolve_device
 from kit.tta import tta_views
 
 
@@ -41,50 +39,52 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 10) -> pd.
 
 @dataclass
 class RunScores:
-    raw: float
-    ema: float | None
-    tta: float
-    tta_name: str  # the views used: the given --tta, or the recipe's predict.tta
+    raw_acc: float
+    ema_acc: float | None
+    tta_acc: float  # best weights, averaged over the TTA views
+    tta: str  # the TTA mode: the given --tta, or the recipe's predict.tta
     predicted: np.ndarray  # with the best weights and TTA
 
 
-def score_run(path: str, data_root: str | None, split: str, tta: str | None, device: torch.device):
+def score_run(path: str, data_root: str | None, split: str, tta: str | None,
+              device: torch.device) -> tuple[Checkpoint, np.ndarray, RunScores]:
     """Accuracy of raw, EMA and best-weights-with-TTA (default: the recipe's views) on the run's held-out data."""
-    ckpt = load_checkpoint(path)
-    best = member_from_checkpoint(ckpt, path, "best", device)
+    payload = read_payload(path)
+    best = checkpoint_from_payload(payload, path, "best", device)
     tta = tta or best.recipe.predict.tta
     data = load_dataset(best.recipe.data, data_root, split).val
-    prec = Precision(device, torch.bfloat16 if device.type == "cuda" else None)
-    labels = data.labels.numpy()
+    prec = inference_precision(device)
+    images, labels = data.images.to(device), data.labels.numpy()
 
-    def accuracy(member, views) -> tuple[float, np.ndarray]:
-        predicted = member.probs(data.images, views, best.recipe.predict.batch_size, prec).argmax(1).numpy()
+    def accuracy(checkpoint: Checkpoint, views: list) -> tuple[float, np.ndarray]:
+        predicted = checkpoint.probs(images, views, best.recipe.predict.batch_size, prec).argmax(1).numpy()
         return float((predicted == labels).mean()), predicted
 
-    raw = accuracy(member_from_checkpoint(ckpt, path, "raw", device), tta_views("none"))[0]
-    ema = None
-    if ckpt.get("ema") is not None:
-        ema = accuracy(member_from_checkpoint(ckpt, path, "ema", device), tta_views("none"))[0]
+    raw_acc = accuracy(checkpoint_from_payload(payload, path, "raw", device), tta_views("none"))[0]
+    ema_acc = None
+    if payload.get("ema") is not None:
+        ema_acc = accuracy(checkpoint_from_payload(payload, path, "ema", device), tta_views("none"))[0]
     tta_acc, predicted = accuracy(best, tta_views(tta))
-    return best, labels, RunScores(raw, ema, tta_acc, tta, predicted)
+    return best, labels, RunScores(raw_acc, ema_acc, tta_acc, tta, predicted)
 
 
 def report_run(path: str, out_dir: Path, data_root: str | None, split: str, tta: str | None, device: torch.device) -> Path:
     """Write the per-class tables, confusion matrix, curves and REPORT.md of one run into out_dir."""
-    member, labels, scores = score_run(path, data_root, split, tta, device)
-    tta = scores.tta_name
-    classes = member.classes
+    checkpoint, labels, scores = score_run(path, data_root, split, tta, device)
+    classes = checkpoint.classes
     matrix = confusion_matrix(labels, scores.predicted, labels=list(range(len(classes))))
     per_class = per_class_table(labels, scores.predicted, classes)
     pairs = confused_pairs(matrix, classes)
     write_text(out_dir / "per_class.csv", per_class.to_csv(index=False))
     write_text(out_dir / "confusion.csv", pd.DataFrame(matrix, index=classes, columns=classes).to_csv())
     write_text(out_dir / "confused_pairs.csv", pairs.to_csv(index=False))
-    plot_confusion(matrix, classes, out_dir / "confusion.png", f"{member.name} ({split}, tta {tta})")
-    metrics_path = Path(member.path).parent / "metrics.csv"
+    plot_confusion(matrix, classes, out_dir / "confusion.png", f"{checkpoint.name} ({split}, tta {scores.tta})")
+    metrics_path = Path(checkpoint.path).parent / "metrics.csv"
     if metrics_path.is_file():
-        plot_curves(pd.read_csv(metrics_path), out_dir / "curves.png", member.recipe.name)
-    write_text(out_dir / "REPORT.md", _markdown(member, scores, split, tta, len(labels), per_class, pairs, metrics_path.is_file()))
+        plot_curves(pd.read_csv(metrics_path), out_dir / "curves.png", checkpoint.recipe.name)
+    markdown = _markdown(checkpoint, scores, split=split, n=len(labels), per_class=per_class, pairs=pairs,
+                         has_curves=metrics_path.is_file())
+    write_text(out_dir / "REPORT.md", markdown)
     return out_dir
 
 
@@ -92,14 +92,14 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
-def _markdown(member, scores: RunScores, split: str, tta: str, n: int, per_class: pd.DataFrame,
+def _markdown(checkpoint: Checkpoint, scores: RunScores, split: str, n: int, per_class: pd.DataFrame,
               pairs: pd.DataFrame, has_curves: bool) -> str:
-    r = member.recipe
-    lines = [f"# Report: {member.name}", "",
+    r = checkpoint.recipe
+    lines = [f"# Report: {checkpoint.name}", "",
              f"- recipe: `{r.name}` ({r.description or r.model.name}); source: {r.paper.source or '-'}",
-             f"- model: `{r.model.name}`, {member.num_params:,} parameters",
-             f"- scored on: {split} set, {n:,} labelled images; best weights used: {member.weights_used}",
-             f"- accuracy: raw {_pct(scores.raw)} · EMA {_pct(scores.ema)} · best weights + TTA ({tta}) {_pct(scores.tta)}",
+             f"- model: `{r.model.name}`, {checkpoint.num_params:,} parameters",
+             f"- scored on: {split} set, {n:,} labelled images; best weights: {checkpoint.weights_from}",
+             f"- accuracy: raw {_pct(scores.raw_acc)} · EMA {_pct(scores.ema_acc)} · best weights + TTA ({scores.tta}) {_pct(scores.tta_acc)}",
              f"- paper reports: {'-' if r.paper.reported_accuracy is None else f'{r.paper.reported_accuracy:.2f}%'} ({r.paper.metric})",
              "", "## Per class (best weights + TTA)", "", _table(per_class),
              "", "## Most confused pairs", "", _table(pairs) if len(pairs) else "none",
@@ -119,12 +119,12 @@ def _table(frame: pd.DataFrame) -> str:
 
 def report(paths: list[str], data_root: str | None = None, out: str | None = None, split: str = "val", tta: str | None = None,
            device: str = "auto", echo: Callable[[str], None] = print) -> list[Path]:
-    """One report folder per run: RUN/report/ by default, or OUT/<run name>/."""
+    """One report folder per checkpoint: RUN/report/ by default, or OUT/<run name>/."""
     dev = resolve_device(device)
     written = []
     for path in paths:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         out_dir = Path(out) / base.name if out else base / "report"
-        written.append(report_run(path, out_dir, data_root, split, tta, dev))
+        written.append(report_run(path, out_dir, data_root=data_root, split=split, tta=tta, device=dev))
         echo(f"report: {out_dir / 'REPORT.md'}")
     return written

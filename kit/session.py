@@ -10,30 +10,12 @@ from torch import nn
 
 from kit.augment import BatchAugment
 from kit.data import Dataset, Split
+from kit.device import Precision, training_precision
 from kit.ema import CachedModelEma
-from kit.engine import ForwardLoss, Precision, StepHooks
+from kit.engine import ForwardLoss, StepHooks
 from kit.models import build_model, count_parameters
 from kit.optim import LRSchedule, build_optimizer, clip_gradients
-from kit.recipe import Recipe, TrainSpec
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when present, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from kit.errors import KitError
-        raise KitError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def make_precision(spec: TrainSpec, device: torch.device) -> Precision:
-    """bf16/fp16 autocast and channels_last on CUDA; plain fp32 on the CPU (CPU autocast is slow)."""
-    if device.type != "cuda":
-        return Precision(device)
-    return Precision(device, DTYPES[spec.precision], spec.channels_last)
+from kit.recipe import Recipe
 
 
 def seed_everything(seed: int) -> None:
@@ -80,7 +62,7 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     """Seed, build and place everything a run needs; the data goes to the device once, as uint8."""
     spec = recipe.train
     seed_everything(spec.seed)
-    prec = make_precision(spec, device)
+    prec = training_precision(spec.precision, spec.channels_last, device)
     model = build_model(recipe, source).to(device)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)

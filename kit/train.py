@@ -11,15 +11,17 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from kit.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from kit.checkpoint import read_payload, restore_rng, rng_state, save_checkpoint, training_payload
 from kit.data import load_dataset
+from kit.device import deterministic, resolve_device
 from kit.engine import EpochResult, TrainState, predict_probs, probs_loss_acc, train_one_epoch
 from kit.errors import KitError
 from kit.io import write_text
-from kit.optim import current_lr
+from kit.optim import current_lr, load_optimizer_state
 from kit.plots import plot_curves
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
-from kit.session import Session, build_session, resolve_device
+from kit.session import Session, build_session
+from kit.tensorboard import EpochLog
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s"]
 
@@ -47,33 +49,36 @@ class Run:
         self.recipe, self.dir, self.s, self.classes, self.echo = recipe, run_dir, session, classes, echo
         self.state = TrainState()
         self.epoch = 0  # epochs completed
-        self.best_acc, self.best_epoch, self.best_source = -1.0, 0, "raw"
+        self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
         self.metrics = pd.DataFrame()
+        self.log: EpochLog | None = None
 
     def payload(self) -> dict:
         s = self.s
-        return {
-            "model": s.model.state_dict(), "ema": None if s.ema is None else s.ema_model.state_dict(),
-            "optimizer": s.optimizer.state_dict(), "scheduler": s.schedule.state_dict(),
-            "scaler": None if s.scaler is None else s.scaler.state_dict(),
-            "epoch": self.epoch, "planned_epochs": self.recipe.train.epochs, "num_updates": self.state.num_updates,
-            "rng": rng_state(s.gen), "recipe": recipe_as_dict(self.recipe), "classes": self.classes,
-            "num_params": s.num_params, "mean": list(map(float, s.mean.cpu())), "std": list(map(float, s.std.cpu())),
-            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_source": self.best_source,
-        }
+        return training_payload(
+            model=s.model, ema_model=s.ema_model, optimizer_state=s.optimizer.state_dict(),
+            scheduler_state=s.schedule.state_dict(), scaler_state=None if s.scaler is None else s.scaler.state_dict(),
+            epoch=self.epoch, planned_epochs=self.recipe.train.epochs, num_updates=self.state.num_updates,
+            rng=rng_state(s.gen), recipe=recipe_as_dict(self.recipe), classes=self.classes, num_params=s.num_params,
+            mean=list(map(float, s.mean.cpu())), std=list(map(float, s.std.cpu())),
+            best_acc=self.best_acc, best_epoch=self.best_epoch, best_weights_from=self.best_weights_from)
 
-    def restore(self, ckpt: dict) -> None:
+    def restore(self, payload: dict) -> None:
+        """Continue from a last.pt, also one saved on another device (the tensors were mapped to the CPU on reading)."""
         s = self.s
-        s.model.load_state_dict(ckpt["model"])
-        if s.ema is not None and ckpt["ema"] is not None:
-            s.ema_model.load_state_dict(ckpt["ema"])
-        s.optimizer.load_state_dict(ckpt["optimizer"])
-        if s.scaler is not None and ckpt["scaler"] is not None:
-            s.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.state.num_updates = ckpt["epoch"], ckpt["num_updates"]
-        self.best_acc, self.best_epoch, self.best_source = ckpt["best_acc"], ckpt["best_epoch"], ckpt["best_source"]
-        s.schedule.resume(ckpt["scheduler"], ckpt["planned_epochs"], self.epoch, self.state.num_updates)
-        restore_rng(ckpt["rng"], s.gen)
+        s.model.load_state_dict(payload["model"])
+        if s.ema is not None and payload["ema"] is not None:
+            s.ema_model.load_state_dict(payload["ema"])
+        load_optimizer_state(s.optimizer, payload["optimizer"])
+        if s.scaler is not None and payload["scaler"] is not None:
+            s.scaler.load_state_dict(payload["scaler"])
+        self.epoch, self.state.num_updates = payload["epoch"], payload["num_updates"]
+        self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
+        s.schedule.resume(payload["scheduler"], payload["planned_epochs"], self.epoch, self.state.num_updates)
+        if not restore_rng(payload["rng"], s.gen):
+            s.gen.manual_seed(self.recipe.train.seed + self.epoch)
+            self.echo(f"note: the data stream was saved on {payload['rng']['data_device']} and cannot continue on "
+                      f"{s.gen.device.type}: it restarts from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
         metrics = pd.read_csv(self.dir / "metrics.csv")
         self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)  # drop rows past last.pt
 
@@ -98,9 +103,11 @@ class Run:
                "images_per_s": result.images / max(result.seconds, 1e-9)}
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
         self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
-        score, source = max((val_acc, "raw"), (-1.0 if math.isnan(ema_acc) else ema_acc, "ema"))
+        score, weights_from = max((val_acc, "raw"), (-1.0 if math.isnan(ema_acc) else ema_acc, "ema"))
         if score > self.best_acc:
-            self.best_acc, self.best_epoch, self.best_source = score, self.epoch, source
+            self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, weights_from
+        if self.log is not None:
+            self.log.write(row)
         return row
 
     def save(self) -> None:
@@ -116,6 +123,16 @@ class Run:
         return patience is not None and self.epoch - self.best_epoch >= patience
 
     def fit(self, on_epoch_end: Callable[["Run"], None] | None = None) -> None:
+        if self.recipe.train.log == "tensorboard":
+            self.log = EpochLog(self.dir, self.recipe.name, first_epoch=self.epoch + 1)
+        try:
+            with deterministic(self.recipe.train.deterministic):
+                self._epochs(on_epoch_end)
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    def _epochs(self, on_epoch_end: Callable[["Run"], None] | None) -> None:
         while self.epoch < self.recipe.train.epochs:
             lr = current_lr(self.s.optimizer)
             result = self.train_epoch()
@@ -166,13 +183,16 @@ class EpochProgress:
 
 
 def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | Path = "runs", device: str = "auto",
-          on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print) -> Path:
-    """Train a recipe into a new run directory; returns its path."""
+          on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print,
+          run_dir: str | Path | None = None) -> Path:
+    """Train a recipe into a new run directory (`run_dir`, or out_root/<recipe>-<time>); returns its path."""
     recipe = with_data_root(recipe, data_root)
     dataset = load_dataset(recipe.data)
     _check_batch(recipe, len(dataset.train))
     session = build_session(recipe, dataset, resolve_device(device), recipe.name)
-    run = Run(recipe, new_run_dir(out_root, recipe.name), session, dataset.classes, echo)
+    if run_dir is None:
+        run_dir = new_run_dir(out_root, recipe.name)
+    run = Run(recipe, Path(run_dir), session, dataset.classes, echo)
     save_recipe(recipe, run.dir / "recipe.yaml")
     echo(f"{recipe.name}: {session.num_params:,} parameters, {len(dataset.train):,} training / {len(dataset.val):,} "
          f"validation images, {session.prec.device} {session.prec.dtype or 'fp32'}, run {run.dir}")
@@ -183,18 +203,19 @@ def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | P
 def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str | Path | None = None,
            device: str = "auto", on_epoch_end: Callable[[Run], None] | None = None,
            echo: Callable[[str], None] = print) -> Path:
-    """Continue a run from its last.pt (optimizer, schedule, EMA, RNG); `train.epochs=N` may extend it."""
+    """Continue a run from its last.pt (optimizer, schedule, EMA, RNG); `train.epochs=N` may extend it.
+    A run trained on CUDA continues on the CPU (`device='cpu'`) and the other way round."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise KitError(f"{run_dir}: not a run directory (no recipe.yaml)")
     recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
-    ckpt = load_checkpoint(run_dir / "last.pt")
+    payload = read_payload(run_dir / "last.pt")
     dataset = load_dataset(recipe.data)
-    if len(dataset.classes) != len(ckpt["classes"]):
-        raise KitError(f"{run_dir / 'last.pt'}: has {len(ckpt['classes'])} classes but the data has {len(dataset.classes)}")
+    if len(dataset.classes) != len(payload["classes"]):
+        raise KitError(f"{run_dir / 'last.pt'}: has {len(payload['classes'])} classes but the data has {len(dataset.classes)}")
     session = build_session(recipe, dataset, resolve_device(device), str(run_dir / "recipe.yaml"))
     run = Run(recipe, run_dir, session, dataset.classes, echo)
-    run.restore(ckpt)
+    run.restore(payload)
     save_recipe(recipe, run_dir / "recipe.yaml")
     echo(f"resuming {run_dir} after epoch {run.epoch} of {recipe.train.epochs}")
     run.fit(on_epoch_end)

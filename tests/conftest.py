@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kit.datasets import make_demo_data
+from kit.data import make_demo_data
 from kit.recipe import Recipe, load_recipe, recipe_from_dict
 from kit.train import train
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kit.data import channel_stats, load_dataset, read_test_pickle
-from kit.datasets import DEMO_TEST, DEMO_UNLABELLED, download_cifar, make_demo_data
+from kit.data import DEMO_TEST, DEMO_UNLABELLED, download_cifar, make_demo_data
 from kit.errors import KitError
 from kit.recipe import DataSpec
 

@@ -31,7 +31,7 @@ def test_evaluate_table_and_selection_file(trained_run, tmp_path):
     csv, sel = tmp_path / "t.csv", tmp_path / "sel.json"
     table = evaluate([str(trained_run), str(trained_run)], tta="shift", select=True, csv_out=str(csv),
                      select_out=str(sel), device="cpu", echo=quiet)
-    assert list(table.member)[-2:] == ["ensemble (mean)", "ensemble (selected)"]
+    assert list(table.checkpoint)[-2:] == ["ensemble (mean)", "ensemble (selected)"]
     assert table.top1.iloc[0] == pytest.approx(table.top1.iloc[2])  # two copies = one member
     assert pd.read_csv(csv).shape == table.shape and sel.is_file()
 
@@ -43,7 +43,7 @@ def test_evaluate_refuses_members_scored_on_different_images(trained_run, demo_d
     import dataclasses
     recipe = tiny_recipe(train__epochs=1)
     split = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, validation="split"))
-    other = train(split, demo_data, tmp_path, "cpu", echo=quiet)
+    other = train(split, data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
     with pytest.raises(KitError, match="validates on other images than .*use --split test"):
         evaluate([str(trained_run), str(other)], tta="none", device="cpu", echo=quiet)
     table = evaluate([str(trained_run), str(other)], split="test", tta="none", device="cpu", echo=quiet)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import quiet
 
-from kit.checkpoint import load_checkpoint
+from kit.checkpoint import load_checkpoint, read_payload
 from kit.data import read_test_pickle
-from kit.engine import Precision, predict_probs
+from kit.device import Precision
+from kit.engine import predict_probs
 from kit.errors import KitError
-from kit.members import ensemble_probs, load_member
+from kit.ensemble import ensemble_probs
 from kit.predict import predict
 from kit.tta import TTA_VIEWS, mirror, translate, tta_views
 
@@ -110,7 +111,7 @@ def test_bad_test_pickles_fail_before_writing(trained_run, tmp_path, obj, messag
 
 
 def test_checkpoints_with_other_classes_cannot_be_ensembled(trained_run, tmp_path, test_pkl):
-    ckpt = load_checkpoint(trained_run)
+    ckpt = read_payload(trained_run)
     ckpt.pop("path")
     ckpt["classes"] = [f"c{i}" for i in range(10)]
     torch.save(ckpt, tmp_path / "other.pt")
@@ -119,40 +120,40 @@ def test_checkpoints_with_other_classes_cannot_be_ensembled(trained_run, tmp_pat
 
 
 def test_checkpoint_whose_weights_do_not_fit(trained_run, tmp_path):
-    ckpt = load_checkpoint(trained_run)
+    ckpt = read_payload(trained_run)
     ckpt.pop("path")
     ckpt["recipe"]["model"]["num_classes"] = 100
     torch.save(ckpt, tmp_path / "wrong.pt")
     with pytest.raises(KitError, match=r"wrong\.pt: weights do not fit the model its recipe builds"):
-        load_member(tmp_path / "wrong.pt", "best", CPU)
+        load_checkpoint(tmp_path / "wrong.pt", "best", CPU)
 
 
 def test_missing_and_unreadable_checkpoints(tmp_path):
     with pytest.raises(KitError, match="checkpoint not found"):
-        load_member(tmp_path / "none.pt", "best", CPU)
+        load_checkpoint(tmp_path / "none.pt", "best", CPU)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(KitError, match=r"junk\.pt: not a readable kit checkpoint"):
-        load_member(tmp_path / "junk.pt", "best", CPU)
+        load_checkpoint(tmp_path / "junk.pt", "best", CPU)
 
 
 def test_weights_from_raw_ema_best(trained_run):
-    ckpt = load_checkpoint(trained_run)
-    assert load_member(trained_run, "raw", CPU).weights_used == "raw"
-    assert load_member(trained_run, "ema", CPU).weights_used == "ema"
-    assert load_member(trained_run, "best", CPU).weights_used == ckpt["best_source"]
+    ckpt = read_payload(trained_run)
+    assert load_checkpoint(trained_run, "raw", CPU).weights_from == "raw"
+    assert load_checkpoint(trained_run, "ema", CPU).weights_from == "ema"
+    assert load_checkpoint(trained_run, "best", CPU).weights_from == ckpt["best_weights_from"]
 
 
-def test_weights_option_numbers_and_selection_file(trained_run, test_pkl, tmp_path):
+def test_blend_option_numbers_and_selection_file(trained_run, test_pkl, tmp_path):
     pkl, _ = test_pkl
     runs = [str(trained_run), str(trained_run / "last.pt")]
     with pytest.raises(KitError, match="need 2 non-negative weights"):
-        predict(runs, str(pkl), weights="1", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
-    predict(runs, str(pkl), weights="0.7,0.3", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
+        predict(runs, str(pkl), blend="1", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
+    predict(runs, str(pkl), blend="0.7,0.3", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
     selection = tmp_path / "sel.json"
-    selection.write_text(json.dumps({"weights": {str(trained_run.resolve()): 1.0}}))
+    selection.write_text(json.dumps({"blend": {str(trained_run.resolve()): 1.0}}))
     lines = []
-    predict(runs, str(pkl), weights=str(selection), out=str(tmp_path / "b.csv"), device="cpu", echo=lines.append)
-    assert any("weight 1.000" in line for line in lines) and any("weight 0.000" in line for line in lines)
+    predict(runs, str(pkl), blend=str(selection), out=str(tmp_path / "b.csv"), device="cpu", echo=lines.append)
+    assert any("blend 1.000" in line for line in lines) and any("blend 0.000" in line for line in lines)
 
 
 def test_summary_warns_over_budget(trained_run, test_pkl, tmp_path):

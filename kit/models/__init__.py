@@ -1,8 +1,7 @@
-"""Model registry, the one parametrized ResNet family, and recipe-level building."""
+"""The one parametrized ResNet family and its registry (presets, timm:/torchvision: names, recipe-level building)."""
 
-from kit.models import presets  # noqa: F401  (registers the presets)
-from kit.models.build import build_model, count_parameters, stage_breakdown
-from kit.models.registry import create_model, list_models, register_model
+from kit.models.registry import (build_model, count_parameters, create_model, list_models, register_model,
+                                 stage_breakdown)
 from kit.models.resnet import ResNet, ResNetConfig
 
 __all__ = ["build_model", "count_parameters", "create_model", "list_models", "register_model", "ResNet",

@@ -1,4 +1,5 @@
-"""Model registry: named presets of the one ResNet family, plus any timm or torchvision model by name."""
+"""Model registry: named presets of the one ResNet family, any timm or torchvision model by name, and a
+recipe's model built and checked against its parameter budget."""
 
 import dataclasses
 import difflib
@@ -10,6 +11,7 @@ from torch import nn
 
 from kit.errors import KitError
 from kit.models.resnet import ResNet, ResNetConfig
+from kit.recipe import Recipe
 from kit.typed import build
 
 _PRESETS: dict[str, ResNetConfig] = {}
@@ -40,6 +42,41 @@ def preset_config(name: str, args: dict, source: str = "recipe") -> ResNetConfig
     base = dataclasses.asdict(_PRESETS[name])
     base.update(args)
     return build(ResNetConfig, base, source, "model.args")
+
+
+# Presets. Papers' final models are recipes on top of these.
+
+@register_model("resnet")
+def resnet() -> ResNetConfig:
+    """The family's defaults: ResNet-18 layout with a CIFAR stem; shape it all through model.args."""
+    return ResNetConfig()
+
+
+@register_model("resnet18")
+def resnet18() -> ResNetConfig:
+    return ResNetConfig(blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
+
+
+@register_model("resnet34")
+def resnet34() -> ResNetConfig:
+    return ResNetConfig(blocks=(3, 4, 6, 3), channels=(64, 128, 256, 512))
+
+
+@register_model("preact_resnet18")
+def preact_resnet18() -> ResNetConfig:
+    return ResNetConfig(block="preact", blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
+
+
+@register_model("resnet18_imagenet")
+def resnet18_imagenet() -> ResNetConfig:
+    """torchvision's ResNet-18 layout (7x7 stride-2 stem + max-pool) built by the family."""
+    return ResNetConfig(stem="imagenet", blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
+
+
+@register_model("resnet_tiny")
+def resnet_tiny() -> ResNetConfig:
+    """Three small stages: the demo's and the tests' model (seconds per epoch on a CPU)."""
+    return ResNetConfig(blocks=(1, 1, 1), channels=(16, 32, 64))
 
 
 def create_model(name: str, num_classes: int, args: dict | None = None,
@@ -94,3 +131,28 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     if not usable:
         raise KitError(f"{path}: no tensor matches the model's names and shapes")
     model.load_state_dict(usable, strict=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def stage_breakdown(model: nn.Module) -> list[tuple[str, int]]:
+    """(top-level child, trainable parameters) in order, skipping children without parameters."""
+    rows = [(name, count_parameters(child)) for name, child in model.named_children()]
+    return [(name, n) for name, n in rows if n]
+
+
+def build_model(recipe: Recipe, source: str = "recipe", check_budget: bool = True) -> nn.Module:
+    """Build the recipe's model; over-budget models fail here with the count and the budget."""
+    spec = recipe.model
+    try:
+        model = create_model(spec.name, spec.num_classes, spec.args, spec.pretrained_path, source)
+    except ValueError as err:
+        raise KitError(f"{source}: model.args: {err}") from None
+    limit = recipe.budget.max_params
+    if check_budget and limit is not None and count_parameters(model) > limit:
+        raise KitError(f"{source}: the model has {count_parameters(model):,} parameters, over the budget of "
+                       f"{limit:,} (budget.max_params)")
+    return model

@@ -1,0 +1,71 @@
+"""Where and how the math runs, in one place: the device, the autocast precision, the memory format and
+the determinism switch. Training, predict, evaluate, report and bench all set up through here."""
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from kit.errors import KitError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KitError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """Where and how the math runs: device, autocast dtype (None: fp32), memory format."""
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def training_precision(precision: str, channels_last: bool, device: torch.device) -> Precision:
+    """bf16/fp16 autocast and channels_last on CUDA; plain fp32 on the CPU (CPU autocast is slow)."""
+    if device.type != "cuda":
+        return Precision(device)
+    return Precision(device, DTYPES[precision], channels_last)
+
+
+def inference_precision(device: torch.device) -> Precision:
+    """What predict, evaluate and report run in: bf16 on CUDA, fp32 on the CPU."""
+    return Precision(device, torch.bfloat16 if device.type == "cuda" else None)
+
+
+@contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Repeatable GPU runs: deterministic kernels only (an op without one raises), no cuDNN autotuning.
+    The previous global settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this for repeatable matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+        if before[2] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
