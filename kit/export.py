@@ -2,6 +2,7 @@
 usable again as a predict/evaluate checkpoint), ONNX (dynamic batch axis, checked against onnxruntime) or
 TorchScript (by trace). ONNX and TorchScript models take pixels scaled to [0, 1] and normalize inside."""
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -85,9 +86,11 @@ def _onnx(model: nn.Module, example: torch.Tensor, out_path: Path) -> float:
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, out_path: Path) -> float:
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example)
-    with atomic_path(out_path) as tmp:
-        traced.save(str(tmp))
-        loaded = torch.jit.load(str(tmp))
-        return _check_batch(loaded, model)
+    with warnings.catch_warnings():  # torch marks torch.jit deprecated; the format is what the user asked for
+        warnings.simplefilter("ignore", FutureWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        with atomic_path(out_path) as tmp:
+            traced.save(str(tmp))
+            loaded = torch.jit.load(str(tmp))
+            return _check_batch(loaded, model)

@@ -126,3 +126,11 @@ def test_unwritable_output_is_a_one_line_error(trained_run, demo_data, tmp_path)
     code, out = run("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", blocker / "s.csv",
                     "--device", "cpu")
     assert_one_line_error(code, out, str(blocker))
+
+
+def test_export_command_writes_a_checkpoint_predict_reads(trained_run, demo_data, tmp_path):
+    out = tmp_path / "m.safetensors"
+    code, text = run("export", trained_run, "--format", "safetensors", "--out", out)
+    assert code == 0 and text.strip().startswith(f"exported: {out} (safetensors, ") and out.is_file()
+    code, text = run("predict", out, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", tmp_path / "s.csv", "--device", "cpu")
+    assert code == 0 and "model compute: " in text, text
