@@ -88,6 +88,33 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, device):
     click.echo(f"run: {run}")
 
 
+@cli.command("sweep")
+@click.argument("recipe")
+@set_option
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="Values of one recipe key; the sweep is the product of the grids.")
+@click.option("--space", metavar="YAML", help="Ranges and choices for Optuna's TPE: KEY: {low, high, log} or {choices: [...]}.")
+@click.option("--trials", type=int, help="Trials for --space.")
+@click.option("--name", help="The sweep folder's name (default: the recipe's).")
+@click.option("--out", "out_root", default="sweeps", show_default=True, help="Sweep folders go here.")
+@click.option("--study", "study_name", help="Optuna study name (default: the sweep's name).")
+@click.option("--storage", metavar="URL", help="Database URL or journal file shared by workers (default: SQLite in the sweep folder).")
+@click.option("--jobs", default=1, show_default=True, help="Trials trained at once by this command.")
+@click.option("--no-prune", is_flag=True, help="Train every trial to the end.")
+@click.option("--prune-startup", default=4, show_default=True, help="Trials that finish before the median pruner acts.")
+@click.option("--data-root", metavar="DIR")
+@device_option
+def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name, storage, jobs, no_prune, prune_startup,
+              data_root, device):
+    """Train RECIPE's variants as Optuna trials; write sweeps/<name>/results.csv, results.md and curves.png.
+    The same command continues an interrupted sweep."""
+    import optuna
+    from kit.sweep import sweep
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep(recipe, overrides=tuple(overrides), grid=tuple(grid), space=space, trials=trials, name=name, out_root=out_root,
+          study_name=study_name, storage=storage, jobs=jobs, prune=not no_prune, prune_startup=prune_startup,
+          data_root=data_root, device=device)
+
+
 @cli.group("data")
 def data_cmd():
     """Make data folders: the embedded demo, or a download."""

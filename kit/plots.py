@@ -56,3 +56,19 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_sweep(curves: dict, path: Path, title: str = "") -> None:
+    """Validation accuracy (best of raw and EMA) per epoch, one line per trial; pruned and failed trials dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for trial, (metrics, state) in sorted(curves.items()):
+        acc = metrics[["val_acc", "ema_val_acc"]].max(axis=1) * 100
+        ax.plot(metrics.epoch, acc, linestyle="-" if state in ("COMPLETE", "RUNNING") else "--", marker=".",
+                label=f"trial {trial} ({state.lower()})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -166,10 +166,7 @@ def apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise KitError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise KitError(f"--set {item}: the value is not valid YAML") from None
+    value = parse_value(text, f"--set {item}")
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
@@ -182,6 +179,20 @@ def apply_override(raw: dict, item: str) -> None:
             child = node[part] = dict(child)
         node = child
     node[parts[-1]] = value
+
+
+def parse_value(text: str, where: str):
+    """A command-line value read as YAML, with YAML 1.1's gap closed: `1e-9` (no dot) is a float, not a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise KitError(f"{where}: the value is not valid YAML") from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _check_consistency(recipe: Recipe, source: str) -> None:
