@@ -67,13 +67,14 @@ def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torc
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero a size x size square (clipped at the border) at a random centre in each image."""
+    """Zero a size x size square (clipped at the border) at a random centre in each image: rows
+    cy - size//2 .. cy - size//2 + size - 1 (DeVries & Taylor's Cutout)."""
     b, _, h, w = x.shape
     cy = torch.randint(0, h, (b, 1, 1), generator=gen, device=gen.device)
     cx = torch.randint(0, w, (b, 1, 1), generator=gen, device=gen.device)
-    ys = torch.arange(h, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    ys = torch.arange(h, device=x.device).view(1, h, 1) - cy + size // 2  # 0..size-1 inside the square
+    xs = torch.arange(w, device=x.device).view(1, 1, w) - cx + size // 2
+    inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
     return x.masked_fill(inside[:, None], 0.0)
 
 

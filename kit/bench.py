@@ -1,6 +1,7 @@
 """`kit bench`: training throughput of the kit engine against a seed-style loop (torchvision
 transforms + DataLoader(num_workers=2), fp32, as the papers trained), same model and batch size,
-same process. Prints both figures and their ratio."""
+same process. Prints both figures and their ratio, the eager step's breakdown (augmentation,
+forward + backward, optimizer + EMA) and the model's floor (FLOPs and activation bytes per image)."""
 
 import dataclasses
 import time
@@ -11,14 +12,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from kit.data import Split, load_dataset
 from kit.data import Dataset as KitDataset
-from kit.engine import TrainState, train_one_epoch
+from kit.data import Split, load_dataset
+from kit.device import resolve_device, training_precision
+from kit.engine import Trainer
 from kit.models import build_model
 from kit.optim import build_optimizer
 from kit.recipe import AugmentSpec, Recipe
-from kit.device import resolve_device
 from kit.session import build_session, seed_everything
+
+# Dense bf16 matrix throughput and memory bandwidth the issue's floor uses, by device name
+PEAKS = {"H100": (800e12, 3.0e12), "H200": (790e12, 4.8e12)}
 
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training-set size
 
@@ -62,20 +66,92 @@ def _timed(fn: Callable[[], int], device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _silent(_: str) -> None:
+    pass
+
+
+def _run_updates(trainer: Trainer, n: int) -> int:
+    """n updates (over as many epochs as needed); returns the images trained on."""
+    done = 0
+    while done < n:
+        done += trainer.epoch(max_steps=n - done).images // trainer.batch_size
+    return done * trainer.batch_size
+
+
 def bench_kit(recipe: Recipe, data: KitDataset, device: torch.device, steps: int, warmup: int) -> float:
-    """The kit engine: data resident on the device, batch augmentation, the recipe's precision/compile."""
-    s = build_session(recipe, data, device, recipe.name)
-    state, bs = TrainState(), recipe.train.batch_size
+    """The kit engine: data resident on the device, batch augmentation, the recipe's precision, compile and capture."""
+    trainer = build_session(recipe, data, device, recipe.name, echo=_silent).trainer
+    _run_updates(trainer, warmup)  # compilation and CUDA-graph capture happen here
+    return _timed(lambda: _run_updates(trainer, steps), device)
 
-    def run(n: int) -> int:
-        done = 0
-        while done < n:
-            done += train_one_epoch(s.step_model, s.train, s.augment, s.hooks, state, bs,
-                                    s.gen, s.prec, max_steps=n - done).images // bs
-        return done * bs
 
-    run(warmup)  # compilation and CUDA-graph capture happen here
-    return _timed(lambda: run(steps), device)
+def step_breakdown(recipe: Recipe, data: KitDataset, device: torch.device, steps: int) -> dict[str, float]:
+    """Milliseconds per update of each phase of the eager step (CUDA events on CUDA, the clock on the CPU)."""
+    eager = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, cuda_graph=False))
+    t = build_session(eager, data, device, recipe.name, echo=_silent).trainer
+    _run_updates(t, 2)
+    clock = _EventClock(device)
+    totals = {"augmentation": 0.0, "forward + backward": 0.0, "optimizer + EMA": 0.0}
+    t.forward_loss.train()
+    for _ in range(steps):
+        t.offset.zero_()
+        t.optimizer.zero_grad(set_to_none=True)
+        marks = [clock.mark()]
+        inputs, targets, labels = t.augmented_batch()
+        marks.append(clock.mark())
+        t.forward_backward(inputs, targets, labels)
+        marks.append(clock.mark())
+        t.apply_update()
+        marks.append(clock.mark())
+        for name, ms in zip(totals, clock.elapsed_ms(marks)):
+            totals[name] += ms / steps
+    return totals
+
+
+class _EventClock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, marks: list) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return [(b - a) * 1000 for a, b in zip(marks, marks[1:])]
+
+
+def model_floor(recipe: Recipe, device: torch.device) -> dict:
+    """FLOPs per image of forward + backward (torch's FLOP counter), bytes of activations written per image
+    in the forward (every module's output, in the training precision), and the device's floor where its peaks are known."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(recipe, recipe.name, check_budget=False).to(device).train()
+    prec = training_precision(recipe.train.precision, recipe.train.channels_last, device)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    activation_bytes = 0
+
+    def count(module, args, output):
+        nonlocal activation_bytes
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            activation_bytes += output.numel() * (2 if prec.dtype is not None else 4)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with FlopCounterMode(display=False) as counter, prec.autocast():
+        model(images).float().logsumexp(1).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    flops, per_image_bytes = counter.get_total_flops() / 2, activation_bytes / 2
+    floor = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, (peak_flops, bandwidth) in PEAKS.items():
+        if key in name:
+            floor = min(peak_flops / flops, bandwidth / per_image_bytes)
+    return {"flops_per_image": flops, "activation_bytes_per_image": per_image_bytes, "floor_images_per_s": floor}
 
 
 def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, steps: int, warmup: int) -> float:
@@ -120,18 +196,31 @@ def synthetic_data(n: int, num_classes: int) -> KitDataset:
 
 def bench(recipe: Recipe, steps: int = 50, batch_size: int | None = None, data_root: str | None = None,
           device: str = "auto", warmup: int = 10, echo: Callable[[str], None] = print) -> dict:
-    """Measure both loops; returns {'kit': img/s, 'baseline': img/s, 'ratio': kit/baseline}."""
+    """Measure both loops, the eager step's phases and the model's floor; returns every figure printed
+    ({'kit', 'baseline', 'ratio', 'breakdown_ms', 'flops_per_image', 'activation_bytes_per_image', 'floor_images_per_s'})."""
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=batch_size))
     dev = resolve_device(device)
     data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, recipe.model.num_classes)
     bs, t = recipe.train.batch_size, recipe.train
     echo(f"bench {recipe.name}: batch {bs}, {steps} timed steps after {warmup} warm-up, {dev}"
+         f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}, torch {torch.__version__}"
          f"{'' if data_root else ', synthetic images'}")
     kit_rate = bench_kit(recipe, data, dev, steps, warmup)
+    capture = t.cuda_graph and dev.type == "cuda"
     echo(f"kit engine  ({t.precision if dev.type == 'cuda' else 'fp32'}, channels_last {t.channels_last and dev.type == 'cuda'}, "
-         f"compile {t.compile if dev.type == 'cuda' else 'none'}): {kit_rate:,.0f} images/s")
+         f"compile {t.compile if dev.type == 'cuda' else 'none'}, cuda_graph {capture}): {kit_rate:,.0f} images/s")
     base_rate = bench_baseline(recipe, data, dev, steps, warmup)
     echo(f"baseline    (torchvision transforms + DataLoader(num_workers=2), fp32): {base_rate:,.0f} images/s")
-    echo(f"ratio: {kit_rate / base_rate:.2f}x")
-    return {"kit": kit_rate, "baseline": base_rate, "ratio": kit_rate / base_rate}
+    ratio = kit_rate / base_rate
+    echo(f"ratio: {ratio:.2f}x")
+    breakdown = step_breakdown(recipe, data, dev, max(3, min(steps, 20)))
+    echo("eager step: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in breakdown.items())
+         + f" (sum {sum(breakdown.values()):.2f} ms = {bs / max(sum(breakdown.values()), 1e-9) * 1000:,.0f} images/s)")
+    floor = model_floor(recipe, dev)
+    line = (f"model: {floor['flops_per_image'] / 1e9:.2f} GFLOP and {floor['activation_bytes_per_image'] / 1e6:.1f} MB of "
+            f"activations per image per update")
+    if floor["floor_images_per_s"]:
+        line += f"; floor on this device {floor['floor_images_per_s']:,.0f} images/s (kit at {kit_rate / floor['floor_images_per_s']:.0%})"
+    echo(line)
+    return {"kit": kit_rate, "baseline": base_rate, "ratio": ratio, "breakdown_ms": breakdown, **floor}

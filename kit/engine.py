@@ -1,21 +1,31 @@
-"""The training step loop and batched inference. Knows nothing about recipes files, runs or the CLI."""
+"""The training step and batched inference. Knows nothing about recipe files, runs or the CLI.
+
+One update, in order, in `Trainer.step`: zero_grad -> batch of this epoch's permutation -> augment ->
+forward + loss -> backward -> clip -> optimizer step at this update's LR -> EMA -> device-side sums.
+It holds no host work: batch indices come from a device permutation and a device offset, the LR from a
+device table indexed by a device counter, random draws from one generator. So the CPU runs it eagerly
+(what the tests exercise), and on CUDA it is captured once as a CUDA graph and replayed every update.
+"""
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kit.augment import normalize, to_float
+from kit.augment import BatchAugment, normalize, to_float
 from kit.data import Split
 from kit.device import Precision
+from kit.optim import clip_gradients
+from kit.recipe import OptimSpec
+
+WARMUP_STEPS = 3  # eager updates on a side stream before capture (cuDNN autotuning, optimizer state allocation)
 
 
 class ForwardLoss(nn.Module):
-    """model + loss + correct-count in one module, so torch.compile captures them as one graph
-    (CUDA graphs then replay the whole forward and backward without per-kernel launches)."""
+    """model + loss + correct-count in one module, so torch.compile sees them as one graph."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module):
         super().__init__()
@@ -37,75 +47,160 @@ class EpochResult:
 
 
 @dataclass
-class TrainState:
-    """What changes every update: the optimizer-step count (the schedule's clock)."""
-    num_updates: int = 0
-
-
-def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of a fresh permutation; the last partial batch is dropped so every step has
-    the same shape (CUDA graphs and mixup need that)."""
-    order = torch.randperm(n, generator=gen, device=gen.device)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start:start + batch_size]
-
-
-def train_one_epoch(forward_loss: nn.Module, data: Split, augment: Callable, step_hooks: "StepHooks", state: TrainState, batch_size: int, gen: torch.Generator,
-                    prec: Precision, max_steps: int | None = None, progress: Callable | None = None) -> EpochResult:
-    """One pass over `data` (resident on the device); statistics stay on the device until the end."""
-    forward_loss.train()
-    loss_sum = torch.zeros((), device=prec.device)
-    correct = torch.zeros((), device=prec.device, dtype=torch.long)
-    steps, seen, start = 0, 0, time.perf_counter()
-    for index in shuffled_batches(len(data), batch_size, gen):
-        if max_steps is not None and steps >= max_steps:
-            break
-        labels = data.labels[index]
-        inputs, targets = augment(data.images[index], labels, gen)
-        with prec.autocast():
-            loss, batch_correct = forward_loss(prec.inputs(inputs), targets, labels)
-        step_hooks.backward_and_step(loss)
-        state.num_updates += 1
-        step_hooks.after_update(state.num_updates)
-        loss_sum += loss.detach().float()
-        correct += batch_correct
-        steps, seen = steps + 1, seen + len(labels)
-        if progress is not None:
-            progress(len(labels), loss)
-    if prec.device.type == "cuda":
-        torch.cuda.synchronize()
-    loss_value = loss_sum.item() / max(steps, 1)  # every batch has the same size: mean of batch means
-    return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start,
-                       finite=bool(torch.isfinite(loss_sum).item()))
-
-
-@dataclass
-class StepHooks:
-    """The per-update work around the forward pass: backward, clipping, optimizer, schedule, EMA."""
+class Trainer:
+    """Everything one update touches, placed on the device once."""
+    model: nn.Module  # the eager module: its parameters are what the optimizer, clipping and EMA see
+    forward_loss: nn.Module  # ForwardLoss over `model` (or its DDP wrapper), compiled or not
     optimizer: torch.optim.Optimizer
-    clip: Callable[[], None]
-    schedule_after_update: Callable[[int], None]
+    augment: BatchAugment
+    data: Split  # training images (uint8) and labels, on the device
+    lr_table: torch.Tensor  # (total updates,) on the device: the LR of update t
+    clip: OptimSpec
+    prec: Precision
+    order_gen: torch.Generator  # the epoch's permutation: the same on every rank
+    aug_gen: torch.Generator  # augmentation draws: one stream per rank
+    batch_size: int  # global: every rank takes its slice of each batch
     ema: object | None = None
-    ema_model: nn.Module | None = None
     scaler: torch.amp.GradScaler | None = None
+    rank: int = 0
+    world_size: int = 1
+    capture: bool = False  # capture the step as a CUDA graph (decided by the session, see `graph_blocker`)
+    num_updates: int = 0  # host count of updates done (the device keeps its own in `update`)
+    graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def __post_init__(self):
+        device = self.prec.device
+        self.local_batch = self.batch_size // self.world_size
+        self.order = torch.arange(len(self.data), device=device)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)  # where this rank's next slice starts
+        self.update = torch.full((), self.num_updates, dtype=torch.long, device=device)
+        self.lr_tensors = [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
+        self._lane = torch.arange(self.local_batch, device=device)
+
+    def step(self) -> None:
+        """One update, in order. No host sync, no host-dependent shapes: capturable as it stands."""
+        self.optimizer.zero_grad(set_to_none=self.graph is None and not self.capture)
+        inputs, targets, labels = self.augmented_batch()
+        loss, correct = self.forward_backward(inputs, targets, labels)
+        self.apply_update()
+        self.loss_sum += loss.detach().float()
+        self.correct_sum += correct
+        self.offset += self.batch_size  # the next batch of the permutation
+        self.update += 1
+
+    def augmented_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next batch of the epoch's permutation, augmented: (inputs, targets, labels)."""
+        index = self.order.index_select(0, self.offset + self._lane)  # (B_local,)
+        images, labels = self.data.images.index_select(0, index), self.data.labels.index_select(0, index)
+        inputs, targets = self.augment(images, labels, self.aug_gen)
+        return inputs, targets, labels
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        with self.prec.autocast():
+            loss, correct = self.forward_loss(self.prec.inputs(inputs), targets, labels)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
-            self.clip()
+        else:
+            loss.backward()
+        return loss, correct
+
+    def apply_update(self) -> None:
+        """Clip, optimizer step at this update's LR, EMA."""
+        clip_gradients(self.model, self.clip)
+        self._set_lr()
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            self.clip()
             self.optimizer.step()
-
-    def after_update(self, num_updates: int) -> None:
-        self.schedule_after_update(num_updates)
         if self.ema is not None:
-            self.ema.update(self.ema_model, step=num_updates)
+            self.ema.update(self.model)
+
+    def _set_lr(self) -> None:
+        if self.lr_tensors:  # fused CUDA optimizers read the LR from device memory
+            lr = self.lr_table[self.update]
+            for t in self.lr_tensors:
+                t.copy_(lr)
+        else:  # eager: a host float (the table is on the CPU then, so this is no device sync)
+            lr = float(self.lr_table[self.num_updates])
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+
+    def epoch(self, max_steps: int | None = None, progress: Callable | None = None) -> EpochResult:
+        """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
+        statistics stay on the device until the end."""
+        self.forward_loss.train()
+        steps = len(self.data) // self.batch_size
+        steps = min(steps, max_steps) if max_steps is not None else steps
+        torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
+        self.offset.fill_(self.rank * self.local_batch)
+        self.loss_sum.zero_()
+        self.correct_sum.zero_()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self._one_update()
+            if progress is not None:
+                progress(self.local_batch, self.loss_sum)
+        loss_sum, correct, seen = self._totals(steps)
+        loss_value = loss_sum.item() / max(steps, 1)  # every batch has the same size: mean of batch means
+        return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start,
+                           finite=bool(torch.isfinite(loss_sum).item()))
+
+    def _one_update(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and self.num_updates >= WARMUP_STEPS:
+            self._capture()
+            self.graph.replay()
+        elif self.capture:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+        else:
+            self.step()
+        self.num_updates += 1
+
+    def _capture(self) -> None:
+        """Record one update (its kernels do not run now: the first replay runs them)."""
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.aug_gen)  # each replay advances the augmentation stream
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def _totals(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Loss and correct sums and images seen, summed over ranks."""
+        loss_sum, correct, seen = self.loss_sum.clone(), self.correct_sum.clone(), steps * self.local_batch
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(correct)
+            loss_sum /= self.world_size  # a mean of per-rank batch means
+            seen *= self.world_size
+        if self.prec.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss_sum, correct, seen
+
+
+def graph_blocker(*, device: torch.device, cuda_graph: bool, mixup: bool, fp16: bool, optimizer: torch.optim.Optimizer,
+                  world_size: int) -> str | None:
+    """Why the step cannot be captured as a CUDA graph (None: it can)."""
+    if device.type != "cuda" or not cuda_graph:
+        return "train.cuda_graph: false" if device.type == "cuda" else None
+    if mixup:
+        return "augment.mixup_alpha/cutmix_alpha: timm's Mixup draws its mixing on the host"
+    if fp16:
+        return "train.precision: fp16: the gradient scaler checks for inf on the host"
+    if world_size > 1:
+        return "several processes: DistributedDataParallel's gradient hooks are not captured"
+    if not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
+        return f"optim.name: {type(optimizer).__name__} has no fused CUDA kernel reading its LR from the device"
+    return None
 
 
 View = Callable[[torch.Tensor], torch.Tensor]
@@ -124,8 +219,8 @@ def predict_probs(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, st
             with prec.autocast():
                 logits = model(prec.inputs(view(x)))
             probs = probs + F.softmax(logits.float(), dim=1)
-        chunks.append((probs / len(views)).cpu())
-    return torch.cat(chunks)
+        chunks.append(probs / len(views))
+    return torch.cat(chunks).cpu()  # one device-to-host copy at the end
 
 
 def probs_loss_acc(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

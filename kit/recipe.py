@@ -82,7 +82,8 @@ class TrainSpec:
     early_stopping_patience: int | None = positive(None)  # epochs without a new best validation accuracy
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA only; the CPU always trains in fp32
     channels_last: bool = True
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile of model + loss (CUDA)
+    cuda_graph: bool = True  # CUDA: capture the whole update once and replay it (falls back to eager, saying why)
     eval_batch_size: int = positive(1000)
     deterministic: bool = False  # deterministic kernels only (repeatable GPU runs, slower); the CPU is always repeatable
     log: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in the run directory (pip install kit[tensorboard])

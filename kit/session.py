@@ -1,8 +1,9 @@
-"""Everything one training run holds in memory, built from a recipe: model (and its compiled form),
-EMA, optimizer, schedule, scaler, augmentation, loss, precision and the data stream's generator."""
+"""Everything one training run holds in memory, built from a recipe: the model, EMA, optimizer, the LR
+table, augmentation, loss, precision, the two random streams, and the `Trainer` that runs the update."""
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,10 +13,13 @@ from kit.augment import BatchAugment
 from kit.data import Dataset, Split
 from kit.device import Precision, training_precision
 from kit.ema import CachedModelEma
-from kit.engine import ForwardLoss, StepHooks
+from kit.engine import ForwardLoss, Trainer, graph_blocker
 from kit.models import build_model, count_parameters
-from kit.optim import LRSchedule, build_optimizer, clip_gradients
+from kit.optim import build_optimizer, lr_on_device
 from kit.recipe import Recipe
+from kit.schedule import Plateau, lr_table
+
+AUGMENT_SEED_STRIDE = 10_000  # rank r draws augmentation from seed + stride * (r + 1): apart from the order stream
 
 
 def seed_everything(seed: int) -> None:
@@ -31,24 +35,30 @@ def to_device(split: Split, device: torch.device) -> Split:
 @dataclass
 class Session:
     model: nn.Module  # the eager module: weights, state dicts, evaluation
-    step_model: nn.Module  # ForwardLoss over `model`, compiled or not: what the training step calls
     ema: object | None
     optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
+    trainer: Trainer
+    plateau: Plateau | None
     scaler: torch.amp.GradScaler | None
-    augment: BatchAugment
-    hooks: StepHooks
     prec: Precision
-    gen: torch.Generator
-    train: Split
     val: Split
     mean: torch.Tensor
     std: torch.Tensor
     num_params: int
+    updates_per_epoch: int
 
     @property
     def ema_model(self) -> nn.Module | None:
         return None if self.ema is None else self.ema.module
+
+    @property
+    def train(self) -> Split:
+        return self.trainer.data
+
+    def lr_at_epoch(self, epoch: int) -> float:
+        """The LR of the first update of epoch `epoch` (0-based)."""
+        table = self.trainer.lr_table
+        return float(table[min(epoch * self.updates_per_epoch, len(table) - 1)])
 
 
 def _loss(recipe: Recipe) -> nn.Module:
@@ -58,7 +68,23 @@ def _loss(recipe: Recipe) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
 
 
-def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source: str = "recipe") -> Session:
+def _wrap(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _compile(forward_loss: nn.Module, mode: str, capture: bool, device: torch.device) -> nn.Module:
+    if mode == "none" or device.type != "cuda":
+        return forward_loss
+    if capture:  # the whole step is one CUDA graph: compiled kernels go inside it, without graphs of their own
+        return torch.compile(forward_loss, mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
+    return torch.compile(forward_loss, mode=None if mode == "default" else mode)
+
+
+def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source: str = "recipe", rank: int = 0,
+                  world_size: int = 1, echo: Callable[[str], None] = print) -> Session:
     """Seed, build and place everything a run needs; the data goes to the device once, as uint8."""
     spec = recipe.train
     seed_everything(spec.seed)
@@ -66,21 +92,28 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     model = build_model(recipe, source).to(device)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = _loss(recipe)
-    step_model = ForwardLoss(model, loss_fn)
-    if spec.compile != "none" and device.type == "cuda":
-        step_model = torch.compile(step_model, mode=None if spec.compile == "default" else spec.compile)
     ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     train = to_device(dataset.train, device)
-    schedule = LRSchedule(optimizer, recipe.schedule, spec.epochs, len(train) // spec.batch_size)
+    updates_per_epoch = len(train) // spec.batch_size
+    table = lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, updates_per_epoch)
+    if device.type == "cuda" and lr_on_device(optimizer, device):
+        table = table.float().to(device)
     scaler = torch.amp.GradScaler("cuda") if prec.dtype == torch.float16 else None
+    blocker = graph_blocker(device=device, cuda_graph=spec.cuda_graph, mixup=bool(recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha),
+                            fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
+    if blocker and device.type == "cuda":
+        echo(f"eager step (not one CUDA graph): {blocker}")
+    forward_loss = _compile(ForwardLoss(_wrap(model, world_size, device), _loss(recipe)), spec.compile,
+                            blocker is None and device.type == "cuda", device)
     mean = torch.tensor(dataset.mean, device=device)
     std = torch.tensor(dataset.std, device=device)
     augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing)
-    hooks = StepHooks(optimizer, lambda: clip_gradients(model, recipe.optim), schedule.after_update,
-                      ema, model, scaler)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(spec.seed)
-    return Session(model, step_model, ema, optimizer, schedule, scaler, augment, hooks, prec, gen,
-                   train, to_device(dataset.val, device), mean, std, count_parameters(model))
+    order_gen = torch.Generator(device=device).manual_seed(spec.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))
+    trainer = Trainer(model, forward_loss, optimizer, augment, train, table, recipe.optim, prec, order_gen, aug_gen,
+                      spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size,
+                      capture=blocker is None and device.type == "cuda")
+    plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
+    return Session(model, ema, optimizer, trainer, plateau, scaler, prec, to_device(dataset.val, device), mean, std,
+                   count_parameters(model), updates_per_epoch)

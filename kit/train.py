@@ -1,5 +1,6 @@
 """Wiring a run: recipe -> data + session -> epochs -> run directory (recipe.yaml, metrics.csv,
-best.pt, last.pt, curves.png). Resume continues a run directory from last.pt, bit-exactly."""
+best.pt, last.pt, curves.png). Resume continues a run directory from last.pt, bit-exactly. Under torchrun
+every rank trains its slice of each batch; rank 0 evaluates, writes and prints."""
 
 import dataclasses
 import math
@@ -11,13 +12,15 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from kit import distributed
 from kit.checkpoint import read_payload, restore_rng, rng_state, save_checkpoint, training_payload
 from kit.data import load_dataset
-from kit.device import deterministic, resolve_device
-from kit.engine import EpochResult, TrainState, predict_probs, probs_loss_acc, train_one_epoch
+from kit.device import deterministic
+from kit.distributed import Ranks
+from kit.engine import EpochResult, predict_probs, probs_loss_acc
 from kit.errors import KitError
 from kit.io import write_text
-from kit.optim import current_lr, load_optimizer_state
+from kit.optim import load_optimizer_state
 from kit.plots import plot_curves
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
 from kit.session import Session, build_session
@@ -43,42 +46,52 @@ def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
 
 
 class Run:
-    """One run directory being trained."""
+    """One run directory being trained (by this process, one of `ranks`)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, session: Session, classes: list[str], echo: Callable[[str], None]):
-        self.recipe, self.dir, self.s, self.classes, self.echo = recipe, run_dir, session, classes, echo
-        self.state = TrainState()
+    def __init__(self, recipe: Recipe, run_dir: Path, session: Session, classes: list[str], echo: Callable[[str], None],
+                 ranks: Ranks = Ranks()):
+        self.recipe, self.dir, self.s, self.classes, self.ranks = recipe, run_dir, session, classes, ranks
+        self.echo = echo if ranks.main else _silent
         self.epoch = 0  # epochs completed
         self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
         self.metrics = pd.DataFrame()
         self.log: EpochLog | None = None
 
     def payload(self) -> dict:
-        s = self.s
+        """The checkpoint's contents (collective under torchrun: every rank's augmentation stream is gathered)."""
+        s, t = self.s, self.s.trainer
+        augment_states = distributed.gather(t.aug_gen.get_state(), self.ranks)
         return training_payload(
             model=s.model, ema_model=s.ema_model, optimizer_state=s.optimizer.state_dict(),
-            scheduler_state=s.schedule.state_dict(), scaler_state=None if s.scaler is None else s.scaler.state_dict(),
-            epoch=self.epoch, planned_epochs=self.recipe.train.epochs, num_updates=self.state.num_updates,
-            rng=rng_state(s.gen), recipe=recipe_as_dict(self.recipe), classes=self.classes, num_params=s.num_params,
-            mean=list(map(float, s.mean.cpu())), std=list(map(float, s.std.cpu())),
-            best_acc=self.best_acc, best_epoch=self.best_epoch, best_weights_from=self.best_weights_from)
+            scheduler_state=s.plateau.state_dict() if s.plateau else {},
+            scaler_state=None if s.scaler is None else s.scaler.state_dict(), epoch=self.epoch,
+            planned_epochs=self.recipe.train.epochs, num_updates=t.num_updates, rng=rng_state(t.order_gen, augment_states),
+            recipe=recipe_as_dict(self.recipe), classes=self.classes, num_params=s.num_params,
+            mean=list(map(float, s.mean.cpu())), std=list(map(float, s.std.cpu())), best_acc=self.best_acc,
+            best_epoch=self.best_epoch, best_weights_from=self.best_weights_from, world_size=self.ranks.world_size)
 
     def restore(self, payload: dict) -> None:
         """Continue from a last.pt, also one saved on another device (the tensors were mapped to the CPU on reading)."""
-        s = self.s
+        s, t = self.s, self.s.trainer
+        if self.recipe.schedule.name == "onecycle" and payload["planned_epochs"] != self.recipe.train.epochs:
+            raise KitError(f"a one-cycle schedule cannot be extended: the run was planned for {payload['planned_epochs']} epochs")
         s.model.load_state_dict(payload["model"])
         if s.ema is not None and payload["ema"] is not None:
             s.ema_model.load_state_dict(payload["ema"])
         load_optimizer_state(s.optimizer, payload["optimizer"])
         if s.scaler is not None and payload["scaler"] is not None:
             s.scaler.load_state_dict(payload["scaler"])
-        self.epoch, self.state.num_updates = payload["epoch"], payload["num_updates"]
+        self.epoch, t.num_updates = payload["epoch"], payload["num_updates"]
+        t.update.fill_(t.num_updates)
         self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
-        s.schedule.resume(payload["scheduler"], payload["planned_epochs"], self.epoch, self.state.num_updates)
-        if not restore_rng(payload["rng"], s.gen):
-            s.gen.manual_seed(self.recipe.train.seed + self.epoch)
-            self.echo(f"note: the data stream was saved on {payload['rng']['data_device']} and cannot continue on "
-                      f"{s.gen.device.type}: it restarts from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
+        if s.plateau is not None:
+            s.plateau.load_state_dict(payload["scheduler"], t.lr_table, self.epoch, s.updates_per_epoch)
+        if not restore_rng(payload["rng"], t.order_gen, t.aug_gen, self.ranks.rank, self.ranks.world_size):
+            t.order_gen.manual_seed(self.recipe.train.seed + self.epoch)
+            t.aug_gen.manual_seed(t.aug_gen.initial_seed() + self.epoch)
+            saved = f"{payload['rng'].get('generator_device', '?')} with {len(payload['rng'].get('augment', []))} process(es)"
+            self.echo(f"note: the data streams were saved on {saved} and cannot continue on {t.order_gen.device.type} with "
+                      f"{self.ranks.world_size}: they restart from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
         metrics = pd.read_csv(self.dir / "metrics.csv")
         self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)  # drop rows past last.pt
 
@@ -89,15 +102,21 @@ class Run:
 
     def train_epoch(self) -> EpochResult:
         s, spec = self.s, self.recipe.train
-        with EpochProgress(self.epoch + 1, spec.epochs, len(s.train) // spec.batch_size, s.optimizer) as progress:
-            return train_one_epoch(s.step_model, s.train, s.augment, s.hooks, self.state,
-                                   spec.batch_size, s.gen, s.prec, progress=progress)
+        with EpochProgress(self.epoch + 1, spec.epochs, s.updates_per_epoch, self.ranks.main) as progress:
+            return s.trainer.epoch(progress=progress)
 
     def record(self, lr: float, result: EpochResult) -> dict:
-        """Evaluate raw and EMA weights, append the metrics row, keep the best; returns the row."""
-        val_loss, val_acc = self.evaluate(self.s.model)
-        ema_acc = self.evaluate(self.s.ema_model)[1] if self.s.ema is not None else float("nan")
-        self.s.schedule.after_epoch(self.epoch, val_acc)
+        """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
+        metrics row, keep the best; returns the row."""
+        distributed.average_buffers(self.s.model, self.ranks)
+        distributed.average_buffers(self.s.ema_model, self.ranks)
+        scores = None
+        if self.ranks.main:
+            val_loss, val_acc = self.evaluate(self.s.model)
+            scores = (val_loss, val_acc, self.evaluate(self.s.ema_model)[1] if self.s.ema is not None else float("nan"))
+        val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
+        if self.s.plateau is not None:
+            self.s.plateau.after_epoch(self.epoch, val_acc, self.s.trainer.lr_table, self.s.updates_per_epoch)
         row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
                "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
                "images_per_s": result.images / max(result.seconds, 1e-9)}
@@ -112,6 +131,8 @@ class Run:
 
     def save(self) -> None:
         payload = self.payload()
+        if not self.ranks.main:
+            return
         save_checkpoint(payload, self.dir / "last.pt")
         if self.best_epoch == self.epoch:
             save_checkpoint(payload, self.dir / "best.pt")
@@ -123,7 +144,7 @@ class Run:
         return patience is not None and self.epoch - self.best_epoch >= patience
 
     def fit(self, on_epoch_end: Callable[["Run"], None] | None = None) -> None:
-        if self.recipe.train.log == "tensorboard":
+        if self.recipe.train.log == "tensorboard" and self.ranks.main:
             self.log = EpochLog(self.dir, self.recipe.name, first_epoch=self.epoch + 1)
         try:
             with deterministic(self.recipe.train.deterministic):
@@ -131,10 +152,14 @@ class Run:
         finally:
             if self.log is not None:
                 self.log.close()
+        if not distributed.parameters_agree(self.s.model, self.ranks):
+            raise KitError(f"{self.dir}: the {self.ranks.world_size} processes ended with different parameters")
+        if self.ranks.world_size > 1:
+            self.echo(f"ranks agree: identical parameters in all {self.ranks.world_size} processes")
 
     def _epochs(self, on_epoch_end: Callable[["Run"], None] | None) -> None:
         while self.epoch < self.recipe.train.epochs:
-            lr = current_lr(self.s.optimizer)
+            lr = self.s.lr_at_epoch(self.epoch)
             result = self.train_epoch()
             if not result.finite:
                 raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "
@@ -151,6 +176,10 @@ class Run:
                 break
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def _summary(row: dict, epochs: int) -> str:
     ema = "" if math.isnan(row["ema_val_acc"]) else f" ema_val_acc {row['ema_val_acc']:.2%}"
     return (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
@@ -159,27 +188,39 @@ def _summary(row: dict, epochs: int) -> str:
 
 
 class EpochProgress:
-    """A tqdm bar on a terminal; nothing otherwise (the epoch summary line is printed either way)."""
+    """A tqdm bar on a terminal (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, optimizer):
-        self.bar, self.optimizer, self.n = None, optimizer, 0
-        if sys.stderr.isatty():
+    def __init__(self, epoch: int, epochs: int, steps: int, main: bool = True):
+        self.bar, self.n = None, 0
+        if main and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step")
 
     def __enter__(self):
         return self.update if self.bar is not None else None
 
-    def update(self, images: int, loss: torch.Tensor) -> None:
+    def update(self, images: int, loss_sum: torch.Tensor) -> None:
         self.bar.update(1)
         self.n += 1
         if self.n % 20 == 0:  # .item() syncs the device: only now and then
             rate = self.bar.format_dict["rate"] or 0
-            self.bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{current_lr(self.optimizer):.3g}", img_s=f"{rate * images:,.0f}")
+            self.bar.set_postfix(loss=f"{loss_sum.item() / self.n:.3f}", img_s=f"{rate * images:,.0f}")
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+def _prepare(recipe: Recipe, device: str, source: str, echo: Callable[[str], None]):
+    """Data, ranks and session for this process."""
+    dataset = load_dataset(recipe.data)
+    _check_batch(recipe, len(dataset.train))
+    ranks, dev = distributed.start(device)
+    if recipe.train.batch_size % ranks.world_size:
+        raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
+    session = build_session(recipe, dataset, dev, source, rank=ranks.rank, world_size=ranks.world_size,
+                            echo=echo if ranks.main else _silent)
+    return dataset, ranks, session
 
 
 def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | Path = "runs", device: str = "auto",
@@ -187,15 +228,15 @@ def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | P
           run_dir: str | Path | None = None) -> Path:
     """Train a recipe into a new run directory (`run_dir`, or out_root/<recipe>-<time>); returns its path."""
     recipe = with_data_root(recipe, data_root)
-    dataset = load_dataset(recipe.data)
-    _check_batch(recipe, len(dataset.train))
-    session = build_session(recipe, dataset, resolve_device(device), recipe.name)
+    dataset, ranks, session = _prepare(recipe, device, recipe.name, echo)
     if run_dir is None:
-        run_dir = new_run_dir(out_root, recipe.name)
-    run = Run(recipe, Path(run_dir), session, dataset.classes, echo)
-    save_recipe(recipe, run.dir / "recipe.yaml")
-    echo(f"{recipe.name}: {session.num_params:,} parameters, {len(dataset.train):,} training / {len(dataset.val):,} "
-         f"validation images, {session.prec.device} {session.prec.dtype or 'fp32'}, run {run.dir}")
+        run_dir = distributed.broadcast(new_run_dir(out_root, recipe.name) if ranks.main else None, ranks)
+    run = Run(recipe, Path(run_dir), session, dataset.classes, echo, ranks)
+    if ranks.main:
+        save_recipe(recipe, run.dir / "recipe.yaml")
+    processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    run.echo(f"{recipe.name}: {session.num_params:,} parameters, {len(dataset.train):,} training / {len(dataset.val):,} "
+             f"validation images, {session.prec.device} {session.prec.dtype or 'fp32'}{processes}, run {run.dir}")
     run.fit(on_epoch_end)
     return run.dir
 
@@ -203,21 +244,21 @@ def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | P
 def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str | Path | None = None,
            device: str = "auto", on_epoch_end: Callable[[Run], None] | None = None,
            echo: Callable[[str], None] = print) -> Path:
-    """Continue a run from its last.pt (optimizer, schedule, EMA, RNG); `train.epochs=N` may extend it.
+    """Continue a run from its last.pt (optimizer, LR table, EMA, RNG); `train.epochs=N` may extend it.
     A run trained on CUDA continues on the CPU (`device='cpu'`) and the other way round."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise KitError(f"{run_dir}: not a run directory (no recipe.yaml)")
     recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
     payload = read_payload(run_dir / "last.pt")
-    dataset = load_dataset(recipe.data)
+    dataset, ranks, session = _prepare(recipe, device, str(run_dir / "recipe.yaml"), echo)
     if len(dataset.classes) != len(payload["classes"]):
         raise KitError(f"{run_dir / 'last.pt'}: has {len(payload['classes'])} classes but the data has {len(dataset.classes)}")
-    session = build_session(recipe, dataset, resolve_device(device), str(run_dir / "recipe.yaml"))
-    run = Run(recipe, run_dir, session, dataset.classes, echo)
+    run = Run(recipe, run_dir, session, dataset.classes, echo, ranks)
     run.restore(payload)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    echo(f"resuming {run_dir} after epoch {run.epoch} of {recipe.train.epochs}")
+    if ranks.main:
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    run.echo(f"resuming {run_dir} after epoch {run.epoch} of {recipe.train.epochs}")
     run.fit(on_epoch_end)
     return run_dir
 

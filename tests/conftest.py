@@ -14,8 +14,8 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def tiny_recipe(**overrides) -> Recipe:
-    """The demo recipe, two epochs at a constant lr; `section__field=value` keyword overrides."""
-    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ("train.epochs=2", "schedule.name=constant", "optim.lr=0.004"))
+    """The demo recipe, three epochs at a constant lr; `section__field=value` keyword overrides."""
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ("train.epochs=3", "schedule.name=constant", "optim.lr=0.004"))
     for key, value in overrides.items():
         section, name = key.split("__")
         recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(getattr(recipe, section), **{name: value})})
@@ -33,7 +33,7 @@ def demo_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(demo_data, tmp_path_factory) -> Path:
-    """A 2-epoch run of the demo recipe (with EMA) on the demo data."""
+    """A 3-epoch run of the demo recipe (with EMA) on the demo data."""
     return train(tiny_recipe(), demo_data, tmp_path_factory.mktemp("runs"), "cpu", echo=quiet)
 
 

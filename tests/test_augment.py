@@ -1,5 +1,6 @@
 """Batch augmentation on the device: shapes, per-sample randomness, identities, determinism."""
 
+import pytest
 import torch
 
 from kit.augment import BatchAugment, color_jitter, cutout, random_crop, random_flip, random_rotation
@@ -43,10 +44,15 @@ def test_identities_at_zero_strength():
     assert torch.allclose(color_jitter(x, 0.0, _gen()), x, atol=1e-6)
 
 
-def test_cutout_zeroes_a_square():
-    out = cutout(torch.ones(8, 3, 32, 32), 8, _gen())
-    zeros = (out == 0).all(1).flatten(1).sum(1)
-    assert (zeros > 0).all() and (zeros <= 81).all()
+@pytest.mark.parametrize("size", [1, 7, 8])
+def test_cutout_zeroes_a_size_by_size_square_clipped_at_the_border(size):
+    out = cutout(torch.ones(256, 3, 32, 32), size, _gen())
+    zeros = (out == 0).all(1)  # (B, H, W)
+    rows, cols = zeros.any(2).sum(1), zeros.any(1).sum(1)
+    assert (zeros.flatten(1).sum(1) == rows * cols).all()  # a rectangle
+    assert (rows <= size).all() and (cols <= size).all() and (rows >= 1).all()
+    inside = (rows == size) & (cols == size)
+    assert inside.any()  # away from the border the square is exactly size x size
 
 
 def test_batch_augment_is_deterministic_given_the_generator():

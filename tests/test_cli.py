@@ -105,13 +105,11 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_prints_both_loops_and_the_ratio():
+def test_bench_command_prints_every_figure():
     code, out = run("bench", ROOT / "recipes" / "demo.yaml", "--steps", 2, "--warmup", 1, "--device", "cpu")
     assert code == 0, out
-    kit_rate = float(out.split("kit engine")[1].split("): ")[1].split(" images/s")[0].replace(",", ""))
-    base_rate = float(out.split("fp32): ")[1].split(" images/s")[0].replace(",", ""))
-    ratio = float(out.strip().splitlines()[-1].removeprefix("ratio: ").removesuffix("x"))
-    assert kit_rate > 0 and base_rate > 0 and ratio == pytest.approx(kit_rate / base_rate, rel=0.01)
+    for start in ("bench demo: batch 16", "kit engine  (fp32", "baseline    (", "ratio: ", "eager step: augmentation ", "model: "):
+        assert any(line.startswith(start) for line in out.splitlines()), (start, out)
 
 
 def test_data_demo_command(tmp_path):

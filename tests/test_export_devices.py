@@ -76,7 +76,7 @@ def test_tensorboard_events_are_readable(demo_data, tmp_path):
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "accuracy/val_ema", "lr", "images_per_s"} <= tags
     metrics = pd.read_csv(run_dir / "metrics.csv")
     val = events.Scalars("accuracy/val")
-    assert [e.step for e in val] == [1, 2]
+    assert [e.step for e in val] == [1, 2, 3]
     assert [e.value for e in val] == pytest.approx(metrics.val_acc.tolist(), rel=1e-6)
 
 
@@ -87,13 +87,13 @@ def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path):
     payload = torch.load(run_dir / "last.pt", weights_only=True)
     for group in payload["optimizer"]["param_groups"]:
         group["fused"], group["foreach"] = True, None
-    payload["rng"]["data"] = torch.zeros(16, dtype=torch.uint8)  # CUDA's generator state: seed and offset
-    payload["rng"]["data_device"] = "cuda"
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # CUDA's generator state: seed and offset
+    payload["rng"].update(order=cuda_state, augment=[cuda_state], generator_device="cuda")
     torch.save(payload, run_dir / "last.pt")
     lines = []
     resume(run_dir, overrides=("train.epochs=2",), device="cpu", echo=lines.append)
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2]
-    assert any("data stream was saved on cuda and cannot continue on cpu" in line for line in lines)
+    assert any("data streams were saved on cuda with 1 process(es) and cannot continue on cpu" in line for line in lines)
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     assert not any(g.get("fused") for g in saved["optimizer"]["param_groups"])
 
