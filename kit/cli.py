@@ -1,5 +1,6 @@
 """The `kit` command line: parse, load, call one function. Errors become one line and exit code 2."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,19 +74,33 @@ def params_cmd(recipe, overrides):
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--out", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
 @device_option
-def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, device):
-    """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device)."""
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, device):
+    """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device).
+    Under torchrun (or with --gpus N) every process trains its slice of each batch; rank 0 writes."""
+    from kit import distributed
     from kit.recipe import load_recipe
     from kit.train import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        args = [recipe] if recipe else ["--resume", resume_dir]
+        for flag, value in (("--data-root", data_root), ("--out", out_root), ("--log", log), ("--device", device)):
+            args += [flag, value] if value else []
+        args += [a for o in overrides for a in ("--set", o)]
+        sys.exit(distributed.launch(gpus, args))
     overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
-    if resume_dir:
-        run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)
-    else:
-        run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
-    click.echo(f"run: {run}")
+    try:
+        if resume_dir:
+            run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)
+        else:
+            run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
+    finally:
+        distributed.stop()
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"run: {run}")
 
 
 @cli.command("sweep")
