@@ -103,6 +103,25 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, dev
         click.echo(f"run: {run}")
 
 
+@cli.command("distill")
+@click.argument("recipe")
+@click.option("--teacher", "teachers", multiple=True, required=True, metavar="CHECKPOINT",
+              help="A teacher: run directory or checkpoint file (repeatable; their softmax is averaged).")
+@set_option
+@click.option("--data-root", metavar="DIR")
+@click.option("--out", "out_root", default="runs", show_default=True)
+@device_option
+def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
+    """Train the student RECIPE on the teachers' averaged soft targets (recipe section distill:, short form)."""
+    import yaml
+    from kit.recipe import load_recipe
+    from kit.train import train
+    listed = yaml.safe_dump([str(t) for t in teachers], default_flow_style=True).strip()
+    student = load_recipe(recipe, (f"distill.teachers={listed}",) + tuple(overrides))
+    run = train(student, data_root=data_root, out_root=out_root, device=device)
+    click.echo(f"run: {run}")
+
+
 @cli.command("sweep")
 @click.argument("recipe")
 @set_option

@@ -108,6 +108,15 @@ class PredictSpec:
 
 
 @dataclass(frozen=True)
+class DistillSpec:
+    teachers: tuple[str, ...] = ()  # run directories or checkpoint files (any architecture); empty: no distillation
+    temperature: float = positive(4.0)
+    alpha: float = field(default=0.5, metadata={"min": 0, "max": 1})  # weight of the soft term against the label loss
+    weights_from: Literal["best", "ema", "raw"] = "best"  # which weights of each teacher checkpoint
+    teacher_sha256: tuple[str, ...] = ()  # filled in by kit when the run starts: the teachers it was taught by
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -120,6 +129,7 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     predict: PredictSpec = field(default_factory=PredictSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
 
 def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) -> Recipe:

@@ -104,10 +104,14 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
                             fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
     if blocker and device.type == "cuda":
         echo(f"eager step (not one CUDA graph): {blocker}")
-    forward_loss = _compile(ForwardLoss(_wrap(model, world_size, device), _loss(recipe)), spec.compile,
-                            blocker is None and device.type == "cuda", device)
     mean = torch.tensor(dataset.mean, device=device)
     std = torch.tensor(dataset.std, device=device)
+    forward_loss = ForwardLoss(_wrap(model, world_size, device), _loss(recipe))
+    if recipe.distill.teachers:
+        from kit.distill import DistillLoss, load_teachers
+        forward_loss = DistillLoss(forward_loss.model, forward_loss.loss_fn, load_teachers(recipe, mean, std, device),
+                                   recipe.distill.alpha)
+    forward_loss = _compile(forward_loss, spec.compile, blocker is None and device.type == "cuda", device)
     augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing)
     order_gen = torch.Generator(device=device).manual_seed(spec.seed)
     aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))

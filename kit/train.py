@@ -16,6 +16,7 @@ from kit import distributed
 from kit.checkpoint import read_payload, restore_rng, rng_state, save_checkpoint, training_payload
 from kit.data import load_dataset
 from kit.device import deterministic
+from kit.distill import resolve_teachers
 from kit.distributed import Ranks
 from kit.engine import EpochResult, predict_probs, probs_loss_acc
 from kit.errors import KitError
@@ -227,7 +228,7 @@ def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | P
           on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print,
           run_dir: str | Path | None = None) -> Path:
     """Train a recipe into a new run directory (`run_dir`, or out_root/<recipe>-<time>); returns its path."""
-    recipe = with_data_root(recipe, data_root)
+    recipe = resolve_teachers(with_data_root(recipe, data_root), recipe.name)
     dataset, ranks, session = _prepare(recipe, device, recipe.name, echo)
     if run_dir is None:
         run_dir = distributed.broadcast(new_run_dir(out_root, recipe.name) if ranks.main else None, ranks)
@@ -250,6 +251,7 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str 
     if not (run_dir / "recipe.yaml").is_file():
         raise KitError(f"{run_dir}: not a run directory (no recipe.yaml)")
     recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
+    recipe = resolve_teachers(recipe, str(run_dir / "recipe.yaml"))
     payload = read_payload(run_dir / "last.pt")
     dataset, ranks, session = _prepare(recipe, device, str(run_dir / "recipe.yaml"), echo)
     if len(dataset.classes) != len(payload["classes"]):
