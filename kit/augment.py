@@ -1,6 +1,7 @@
 """Per-sample random augmentation done on whole batches on the device (no DataLoader, no host copies).
 
-Order: crop (zero padding) -> flip -> rotation -> colour jitter -> normalize -> cutout -> mixup/cutmix.
+Order: crop (zero or reflect padding) -> flip -> TrivialAugment/RandAugment -> sharpness -> rotation -> colour
+jitter -> normalize -> cutout -> random erasing -> mixup/cutmix.
 Every random draw comes from one torch.Generator on the device, so a run resumes bit-exactly.
 """
 
@@ -26,10 +27,10 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image gets its own crop of the zero-padded batch (torchvision RandomCrop(padding=p))."""
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str = "zeros") -> torch.Tensor:
+    """Each image gets its own crop of the padded batch (torchvision RandomCrop(padding=p, padding_mode=...))."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
+    padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
@@ -78,12 +79,52 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(inside[:, None], 0.0)
 
 
+def random_erasing(x: torch.Tensor, prob: float, area: tuple[float, float], mode: str, gen: torch.Generator,
+                   attempts: int = 10) -> torch.Tensor:
+    """timm's RandomErasing per sample: with probability `prob`, a rectangle of area fraction in `area` and
+    log-uniform aspect in [0.3, 1/0.3], the first of `attempts` draws that fits, filled with zeros (const),
+    one random colour (rand) or random pixels (pixel), on normalized images."""
+    b, c, h, w = x.shape
+    dev = gen.device
+    target = (torch.rand(b, attempts, generator=gen, device=dev) * (area[1] - area[0]) + area[0]) * (h * w)
+    log_aspect = torch.rand(b, attempts, generator=gen, device=dev) * (2 * math.log(1 / 0.3)) - math.log(1 / 0.3)
+    eh = (target * log_aspect.exp()).sqrt().round()
+    ew = (target / log_aspect.exp()).sqrt().round()
+    fits = (eh < h) & (ew < w)
+    first = fits.float().argmax(1, keepdim=True)  # the first attempt that fits (timm's loop breaks there)
+    eh, ew = eh.gather(1, first).view(b, 1, 1), ew.gather(1, first).view(b, 1, 1)
+    top = (torch.rand(b, 1, 1, generator=gen, device=dev) * (h - eh + 1)).floor()
+    left = (torch.rand(b, 1, 1, generator=gen, device=dev) * (w - ew + 1)).floor()
+    apply = (torch.rand(b, generator=gen, device=dev) < prob) & fits.any(1)
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    inside = (ys >= top) & (ys < top + eh) & (xs >= left) & (xs < left + ew) & apply.view(b, 1, 1)
+    if mode == "const":
+        fill = torch.zeros_like(x)
+    elif mode == "rand":
+        fill = torch.randn(b, c, 1, 1, generator=gen, device=dev, dtype=x.dtype).expand_as(x)
+    else:
+        fill = torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype)
+    return torch.where(inside[:, None], fill, x)
+
+
+def random_sharpness(x: torch.Tensor, factor: float, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomAdjustSharpness(factor, p), drawn per image."""
+    from kit.autoaugment import sharpen
+    apply = torch.rand(x.shape[0], generator=gen, device=gen.device) < prob
+    return torch.where(apply.view(-1, 1, 1, 1), sharpen(x, torch.full((x.shape[0],), factor, device=x.device)), x)
+
+
 class BatchAugment:
     """uint8 images + int labels -> normalized float inputs and the loss's targets, all on the device."""
 
     def __init__(self, spec: AugmentSpec, mean: torch.Tensor, std: torch.Tensor, num_classes: int,
                  label_smoothing: float = 0.0):
         self.spec, self.mean, self.std = spec, mean, std
+        self.policy_table = None
+        if spec.policy != "none":
+            from kit.autoaugment import magnitudes
+            self.policy_table = magnitudes(spec.policy, 32).to(mean.device)
         self.mixup = None
         if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
             from timm.data import Mixup
@@ -93,9 +134,17 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         spec, x = self.spec, to_float(images)
         if spec.crop_padding:
-            x = random_crop(x, spec.crop_padding, gen)
+            x = random_crop(x, spec.crop_padding, gen, spec.crop_padding_mode)
         if spec.flip:
             x = random_flip(x, gen)
+        if spec.policy == "trivialaugment":
+            from kit.autoaugment import trivial_augment
+            x = trivial_augment(x, gen, self.policy_table)
+        elif spec.policy == "randaugment":
+            from kit.autoaugment import rand_augment
+            x = rand_augment(x, gen, self.policy_table, spec.randaugment_ops, spec.randaugment_magnitude)
+        if spec.sharpness_factor and spec.sharpness_prob:
+            x = random_sharpness(x, spec.sharpness_factor, spec.sharpness_prob, gen)
         if spec.rotation_degrees:
             x = random_rotation(x, spec.rotation_degrees, gen)
         if spec.color_jitter:
@@ -103,6 +152,8 @@ class BatchAugment:
         x = normalize(x, self.mean, self.std)
         if spec.cutout_size:
             x = cutout(x, spec.cutout_size, gen)
+        if spec.erasing_prob:
+            x = random_erasing(x, spec.erasing_prob, spec.erasing_area, spec.erasing_mode, gen)
         if self.mixup is not None:
             return self.mixup(x, labels)  # soft targets for SoftTargetCrossEntropy
         return x, labels

@@ -91,11 +91,20 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    crop_padding: int = non_negative(4)  # random crop back to the input size after zero padding; 0: off
+    crop_padding: int = non_negative(4)  # random crop back to the input size after padding; 0: off
+    crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
     flip: bool = True
+    policy: Literal["none", "trivialaugment", "randaugment"] = "none"  # per-sample op and magnitude
+    randaugment_ops: int = positive(2)  # N
+    randaugment_magnitude: int = field(default=9, metadata={"min": 0, "max": 30})  # M: a bin of 31
+    sharpness_factor: float = non_negative(0.0)  # torchvision's RandomAdjustSharpness; 0: off
+    sharpness_prob: float = field(default=0.0, metadata={"min": 0, "max": 1})
     rotation_degrees: float = field(default=0.0, metadata={"min": 0, "max": 180})
     color_jitter: float = field(default=0.0, metadata={"min": 0, "max": 1})  # brightness/contrast/saturation
     cutout_size: int = non_negative(0)
+    erasing_prob: float = field(default=0.0, metadata={"min": 0, "max": 1})  # timm's RandomErasing, per sample
+    erasing_area: tuple[float, float] = field(default=(0.02, 1 / 3), metadata={"gt": 0, "max": 1})  # of the image
+    erasing_mode: Literal["const", "rand", "pixel"] = "pixel"  # zeros, a random colour, or random pixels (normalized)
     mixup_alpha: float = non_negative(0.0)
     cutmix_alpha: float = non_negative(0.0)
     mix_prob: float = field(default=1.0, metadata={"min": 0, "max": 1})
@@ -213,6 +222,9 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
         raise KitError(f"{source}: schedule.milestones: a multistep schedule needs at least one milestone epoch")
     if list(recipe.schedule.milestones) != sorted(recipe.schedule.milestones):
         raise KitError(f"{source}: schedule.milestones: {list(recipe.schedule.milestones)} must be increasing")
+    low, high = recipe.augment.erasing_area
+    if low > high:
+        raise KitError(f"{source}: augment.erasing_area: [{low}, {high}] must be [smallest, largest] fractions of the image")
     if (recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha) and recipe.train.batch_size % 2:
         raise KitError(f"{source}: train.batch_size: mixup/cutmix need an even batch size, got {recipe.train.batch_size}")
 
