@@ -46,6 +46,13 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
+def alternating_flip(x: torch.Tensor, index: torch.Tensor, parity: torch.Tensor) -> torch.Tensor:
+    """airbench's flip: image i is mirrored in every other epoch, starting from a fixed pseudo-random bit of i,
+    so over any two epochs it is seen both ways (a fresh coin repeats a side half of the time)."""
+    first = (index * 2654435761 >> 16) & 1  # Knuth's multiplicative hash: a fixed, well-mixed bit per image
+    return torch.where(((first + parity) % 2 == 1)[:, None, None, None], x.flip(-1), x)
+
+
 def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torch.Tensor:
     """Rotate each image by its own angle in [-degrees, degrees] (bilinear, zero fill)."""
     angle = _uniform(x.shape[0], -degrees, degrees, gen) * (math.pi / 180)
@@ -131,11 +138,15 @@ class BatchAugment:
             self.mixup = Mixup(mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, prob=spec.mix_prob,
                                label_smoothing=label_smoothing, num_classes=num_classes)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, index: torch.Tensor | None = None,
+                 parity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index` (the images' dataset indices) and `parity` (the epoch's, 0 or 1) drive alternating flips."""
         spec, x = self.spec, to_float(images)
         if spec.crop_padding:
             x = random_crop(x, spec.crop_padding, gen, spec.crop_padding_mode)
-        if spec.flip:
+        if spec.flip and spec.alternate_flip and index is not None:
+            x = alternating_flip(x, index, parity)
+        elif spec.flip:
             x = random_flip(x, gen)
         if spec.policy == "trivialaugment":
             from kit.autoaugment import trivial_augment

@@ -217,16 +217,20 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @tta_option
 @click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
 @click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
+@click.option("--select-on", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Choose the blend on this stratified share of the images; report on the rest.")
 @click.option("--select-out", metavar="JSON", help="Write the selected blend here, for kit predict --blend.")
 @click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
 @weights_from_option
 @click.option("--batch-size", default=1000, show_default=True)
 @device_option
-def evaluate_cmd(checkpoints, data_root, split, tta, select, rounds, select_out, csv_out, weights_from, batch_size, device):
+def evaluate_cmd(checkpoints, data_root, split, tta, select, rounds, select_on, select_out, csv_out, weights_from, batch_size,
+                 device):
     """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
     from kit.evaluate import evaluate
     evaluate(list(checkpoints), data_root=data_root, split=split, tta=tta, select=select, rounds=rounds,
-             weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device)
+             weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
+             select_on=select_on)
 
 
 @cli.command("export")

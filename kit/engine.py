@@ -74,7 +74,8 @@ class Trainer:
         self.order = torch.arange(len(self.data), device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)  # where this rank's next slice starts
         self.update = torch.full((), self.num_updates, dtype=torch.long, device=device)
-        self.lr_tensors = [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
+        self.lr_tensors = [(g["lr"], g.get("lr_scale", 1.0)) for g in self.optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
+        self.parity = torch.zeros((), dtype=torch.long, device=device)  # the epoch's parity, for alternating flips
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
         self._lane = torch.arange(self.local_batch, device=device)
@@ -94,7 +95,7 @@ class Trainer:
         """This rank's slice of the next batch of the epoch's permutation, augmented: (inputs, targets, labels)."""
         index = self.order.index_select(0, self.offset + self._lane)  # (B_local,)
         images, labels = self.data.images.index_select(0, index), self.data.labels.index_select(0, index)
-        inputs, targets = self.augment(images, labels, self.aug_gen)
+        inputs, targets = self.augment(images, labels, self.aug_gen, index=index, parity=self.parity)
         return inputs, targets, labels
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
@@ -122,12 +123,12 @@ class Trainer:
     def _set_lr(self) -> None:
         if self.lr_tensors:  # fused CUDA optimizers read the LR from device memory
             lr = self.lr_table[self.update]
-            for t in self.lr_tensors:
-                t.copy_(lr)
+            for t, scale in self.lr_tensors:
+                t.copy_(lr * scale)
         else:  # eager: a host float (the table is on the CPU then, so this is no device sync)
             lr = float(self.lr_table[self.num_updates])
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def epoch(self, max_steps: int | None = None, progress: Callable | None = None) -> EpochResult:
         """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
@@ -137,6 +138,7 @@ class Trainer:
         steps = min(steps, max_steps) if max_steps is not None else steps
         torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
         self.offset.fill_(self.rank * self.local_batch)
+        self.parity.fill_(self.num_updates // max(len(self.data) // self.batch_size, 1) % 2)
         self.loss_sum.zero_()
         self.correct_sum.zero_()
         start = time.perf_counter()

@@ -78,11 +78,26 @@ def _row(name: str, params: int, plain: torch.Tensor, with_views: torch.Tensor, 
     return row
 
 
+def selection_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choose, report) index sets: a stratified `fraction` of the images to choose the blend on, the rest to report on."""
+    from sklearn.model_selection import train_test_split
+    index = torch.arange(len(labels)).numpy()
+    choose, report = train_test_split(index, train_size=fraction, random_state=seed, stratify=labels.numpy())
+    return torch.from_numpy(choose).sort().values, torch.from_numpy(report).sort().values
+
+
+def _subset(scored: Scored, index: torch.Tensor) -> Scored:
+    return Scored([p[index] for p in scored.plain], [p[index] for p in scored.with_views])
+
+
 def evaluate(paths: list[str], data_root: str | None = None, split: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
-             batch_size: int = 1000, device: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
+             batch_size: int = 1000, device: str = "auto", select_on: float = 1.0,
+             echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
-    A sweep folder stands for its completed trials."""
+    `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
+    others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
+    for its completed trials."""
     dev = resolve_device(device)
     paths = expand_paths(paths)
     checkpoints = load_checkpoints(paths, weights_from, dev)
@@ -90,18 +105,25 @@ def evaluate(paths: list[str], data_root: str | None = None, split: str = "val",
     tta = tta or checkpoints[0].recipe.predict.tta
     scored = score_checkpoints(checkpoints, data, tta_views(tta), batch_size, inference_precision(dev))
     labels, top5 = data.labels, len(checkpoints[0].classes) > 10
+    chosen_on = scored, labels
+    if select and select_on < 1:
+        choose, report = selection_split(labels, select_on)
+        chosen_on = _subset(scored, choose), labels[choose]
+        scored, labels = _subset(scored, report), labels[report]
+        echo(f"blend chosen on {len(choose):,} images; every figure below is on the other {len(report):,}")
     rows = [_row(c.name, c.num_params, p, v, labels, top5) for c, p, v in zip(checkpoints, scored.plain, scored.with_views)]
     total = sum(c.num_params for c in checkpoints)
     rows.append(_row("ensemble (mean)", total, ensemble_probs(scored.plain), ensemble_probs(scored.with_views), labels, top5))
     if select:
-        blend = greedy_selection(scored.with_views, labels, rounds)
+        blend = greedy_selection(chosen_on[0].with_views, chosen_on[1], rounds)
         used = sum(c.num_params for c, w in zip(checkpoints, blend) if w > 0)
         rows.append(_row("ensemble (selected)", used, ensemble_probs(scored.plain, blend),
                          ensemble_probs(scored.with_views, blend), labels, top5))
         echo("selected: " + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(checkpoints, blend) if w > 0))
         if select_out:
             selection = {"blend": {str(Path(p).resolve()): w for p, w in zip(paths, blend) if w > 0},
-                         "tta": tta, "split": split, "top1_tta": rows[-1]["top1_tta"]}
+                         "tta": tta, "split": split, "select_on": select_on, "top1_tta": rows[-1]["top1_tta"],
+                         "scored_on": len(labels)}
             write_text(select_out, json.dumps(selection, indent=2))
             echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --blend {select_out} --tta {tta})")
     table = pd.DataFrame(rows)

@@ -16,7 +16,13 @@ def build_optimizer(model: nn.Module, spec: OptimSpec, fused: bool = False) -> t
     extra = {"betas": spec.betas} if spec.betas else {}
     if fused and spec.name in FUSABLE:
         extra["fused"] = True
-    return create_optimizer_v2(model, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay,
+    params = model
+    if spec.norm_bias_lr_scale != 1.0:  # norm weights and biases are the 1-D parameters
+        flat = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+        decay = spec.weight_decay if spec.decay_norm_and_bias else 0.0
+        params = [{"params": [p for p in model.parameters() if p.requires_grad and p.ndim > 1]},
+                  {"params": flat, "lr_scale": spec.norm_bias_lr_scale, "weight_decay": decay}]
+    return create_optimizer_v2(params, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay,
                                momentum=spec.momentum, filter_bias_and_bn=not spec.decay_norm_and_bias, **extra)
 
 
@@ -37,7 +43,7 @@ def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool
     if not all(g.get("fused") for g in optimizer.param_groups):
         return False
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["lr"] = torch.tensor(float(group["lr"]) * group.get("lr_scale", 1.0), device=device)
     return True
 
 

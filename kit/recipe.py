@@ -12,7 +12,8 @@ from kit.io import write_text
 from kit.typed import build, fraction, non_negative, positive, to_plain
 
 DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 million parameters"
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars",
+              "lookahead_momentum", "lookahead_sgd", "lookahead_adamw")  # timm's names; lookahead_* wraps the base
 SCHEDULES = ("constant", "cosine", "step", "multistep", "plateau", "poly", "onecycle")
 
 
@@ -54,6 +55,7 @@ class OptimSpec:
     weight_decay: float = non_negative(0.0)
     betas: tuple[float, float] | None = None
     decay_norm_and_bias: bool = True  # torch's default; timm's would exempt BN and bias from weight decay
+    norm_bias_lr_scale: float = positive(1.0)  # LR multiplier for norm weights and all biases (airbench: 64)
     grad_clip: float | None = positive(None)
     grad_clip_mode: Literal["norm", "value"] = "norm"
 
@@ -94,6 +96,7 @@ class AugmentSpec:
     crop_padding: int = non_negative(4)  # random crop back to the input size after padding; 0: off
     crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
     flip: bool = True
+    alternate_flip: bool = False  # airbench: each image flipped in every other epoch, not by a fresh coin each epoch
     policy: Literal["none", "trivialaugment", "randaugment"] = "none"  # per-sample op and magnitude
     randaugment_ops: int = positive(2)  # N
     randaugment_magnitude: int = field(default=9, metadata={"min": 0, "max": 30})  # M: a bin of 31

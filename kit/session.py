@@ -15,6 +15,7 @@ from kit.device import Precision, training_precision
 from kit.ema import CachedModelEma
 from kit.engine import ForwardLoss, Trainer, graph_blocker
 from kit.models import build_model, count_parameters
+from kit.models.resnet import init_whitening, whiten_stem
 from kit.optim import build_optimizer, lr_on_device
 from kit.recipe import Recipe
 from kit.schedule import Plateau, lr_table
@@ -61,6 +62,13 @@ class Session:
         return float(table[min(epoch * self.updates_per_epoch, len(table) - 1)])
 
 
+def _normalized_sample(dataset: Dataset, device: torch.device, n: int = 5000) -> torch.Tensor:
+    """The first n training images, normalized (airbench whitens from 5,000)."""
+    images = dataset.train.images[:n].to(device).float().div_(255)
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (dataset.mean, dataset.std))
+    return (images - mean) / std
+
+
 def _loss(recipe: Recipe) -> nn.Module:
     if recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha:
         from timm.loss import SoftTargetCrossEntropy
@@ -90,6 +98,9 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     seed_everything(spec.seed)
     prec = training_precision(spec.precision, spec.channels_last, device)
     model = build_model(recipe, source).to(device)
+    stem = whiten_stem(model)
+    if stem is not None:
+        init_whitening(stem, _normalized_sample(dataset, device))
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None

@@ -112,3 +112,27 @@ def test_check_submission_accepts_a_valid_csv(tmp_path, pkl):
 def test_check_submission_catches_each_defect(tmp_path, pkl, text, message):
     with pytest.raises(KitError, match=message):
         check_submission(_csv(tmp_path, text), pkl)
+
+
+def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
+    from kit.evaluate import selection_split
+    labels = torch.arange(300) % 10
+    choose, report = selection_split(labels, 0.5)
+    assert len(choose) == len(report) == 150 and not set(choose.tolist()) & set(report.tolist())
+    assert torch.bincount(labels[choose]).tolist() == [15] * 10  # stratified
+    lines = []
+    sel = tmp_path / "sel.json"
+    table = evaluate([str(trained_run), str(trained_run)], tta="none", select=True, select_on=0.5, select_out=str(sel),
+                     device="cpu", echo=lines.append)
+    assert "blend chosen on 150 images; every figure below is on the other 150" in lines
+    import json
+    assert json.loads(sel.read_text())["scored_on"] == 150
+    from kit.checkpoint import load_checkpoint
+    from kit.data import load_dataset
+    from kit.device import Precision
+    from kit.tta import tta_views
+    checkpoint = load_checkpoint(trained_run, "best", torch.device("cpu"))
+    data = load_dataset(checkpoint.recipe.data)
+    predicted = checkpoint.probs(data.val.images, tta_views("none"), 1000, Precision(torch.device("cpu"))).argmax(1)
+    _, report = selection_split(data.val.labels, 0.5)
+    assert table.top1.iloc[0] == pytest.approx((predicted[report] == data.val.labels[report]).float().mean().item())

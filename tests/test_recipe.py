@@ -10,7 +10,7 @@ from kit.errors import KitError
 from kit.models import build_model, count_parameters
 from kit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
 
-EXACT_COUNTS = {  # the papers' reported counts (DEVELOPERS.md / issue 2), demo included
+EXACT_COUNTS = {  # the papers' reported counts (DEVELOPERS.md / issue 2), demo and kit's own recipes included
     "preact_gelu": 2_796_714,
     "resnet_4643": 4_902_186,
     "resnet_443": 4_697_162,
@@ -21,6 +21,8 @@ EXACT_COUNTS = {  # the papers' reported counts (DEVELOPERS.md / issue 2), demo 
     "resnet18_cifar100_wide": 44_695_716,
     "resnet18_cifar100_new_wide": 50_266_276,
     "demo": 78_042,
+    "kit_best": 4_298_970,  # WRN-22-4's shape in the family
+    "kit_fast": 2_193_282,
 }
 
 

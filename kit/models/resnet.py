@@ -7,6 +7,8 @@ Layout conventions (they are what reproduce the papers' exact parameter counts):
   projection shortcut conv-BN.
 - preact (He et al. 2016b): stem is a bare conv; block BN-act-conv-BN-act-conv (+ shortcut);
   projection shortcut a bare conv; one BN-act after the last stage.
+- whiten stem (airbench): a 2x2 convolution without padding, 24 filters (each whitening direction of the
+  training images' 2x2 patches and its negation, set by `init_whitening` before training), then the activation.
 - dropout (paper 004) follows the first activation inside the residual branch (WRN-style,
   `dropout_position: branch`), or is applied to each block's output (`output`), which also drops
   the identity path and compounds over the blocks.
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
+WHITEN_KERNEL = 2
+WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL ** 2  # every whitening direction of a 2x2x3 patch, and its negation
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,8 @@ class ResNetConfig:
     block: Literal["basic", "preact"] = "basic"
     blocks: tuple[int, ...] = field(default=(2, 2, 2, 2), metadata={"min": 1})  # blocks per stage
     channels: tuple[int, ...] = field(default=(64, 128, 256, 512), metadata={"min": 1})  # per stage
-    stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 stride 1, or 7x7 stride 2 + 3x3 max-pool
+    stem: Literal["cifar", "imagenet", "whiten"] = "cifar"  # 3x3 stride 1; 7x7 stride 2 + max-pool; airbench's 2x2 whitening
+    zero_init_residual: bool = False  # each block starts as the identity (last BN of the branch at 0; Goyal et al.)
     stem_width: int | None = field(default=None, metadata={"min": 1})  # default: channels[0]
     shortcut_kernel: Literal[1, 3] = 1
     activation: Literal["relu", "gelu", "silu", "elu"] = "relu"
@@ -102,6 +107,8 @@ class ResNet(nn.Module):
         super().__init__()
         channels = [max(1, round(c * cfg.width)) for c in cfg.channels]
         stem_width = max(1, round((cfg.stem_width or cfg.channels[0]) * cfg.width))
+        if cfg.stem == "whiten":
+            stem_width = WHITEN_WIDTH
         self.stem = self._stem(cfg, stem_width)
         block = BasicBlock if cfg.block == "basic" else PreActBlock
         cin = stem_width
@@ -116,10 +123,18 @@ class ResNet(nn.Module):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), ACTIVATIONS[cfg.activation]()) if cfg.block == "preact" else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1) if cfg.pool == "adaptive" else nn.AvgPool2d(cfg.pool_kernel)
         self.fc = nn.Linear(cin * self._pooled_area(cfg), num_classes)
+        if cfg.zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, PreActBlock)):
+                    last = [b for b in m.residual if isinstance(b, nn.BatchNorm2d)]
+                    target = last[-1] if isinstance(m, BasicBlock) else m.residual[-1]
+                    nn.init.zeros_(target.weight)  # basic: the branch's last BN; preact: its last conv
 
     @staticmethod
     def _stem(cfg: ResNetConfig, width: int) -> nn.Sequential:
         act = ACTIVATIONS[cfg.activation]
+        if cfg.stem == "whiten":
+            return nn.Sequential(nn.Conv2d(3, width, WHITEN_KERNEL, bias=True), act())
         kernel, stride = (3, 1) if cfg.stem == "cifar" else (7, 2)
         layers: list[nn.Module] = [_conv(3, width, kernel, stride)]
         if cfg.block == "basic":
@@ -131,7 +146,8 @@ class ResNet(nn.Module):
     def _pooled_area(self, cfg: ResNetConfig) -> int:
         if cfg.pool == "adaptive":
             return 1
-        size = cfg.input_size // (4 if cfg.stem == "imagenet" else 1) // 2 ** (len(cfg.channels) - 1)
+        size = cfg.input_size - (WHITEN_KERNEL - 1 if cfg.stem == "whiten" else 0)
+        size = -(-(size // (4 if cfg.stem == "imagenet" else 1)) // 2 ** (len(cfg.channels) - 1))  # stride-2 convs round up
         side = (size - cfg.pool_kernel) // cfg.pool_kernel + 1
         if side < 1:
             raise ValueError(f"pool_kernel {cfg.pool_kernel} is larger than the final {size}x{size} feature map")
@@ -143,3 +159,25 @@ class ResNet(nn.Module):
             x = getattr(self, f"stage{index + 1}")(x)
         x = self.pool(self.final(x))
         return self.fc(torch.flatten(x, 1))
+
+
+def whiten_stem(model: nn.Module) -> nn.Conv2d | None:
+    """The whiten stem's convolution, or None when the model has another stem."""
+    stem = getattr(model, "stem", None)
+    conv = stem[0] if isinstance(stem, nn.Sequential) and len(stem) and isinstance(stem[0], nn.Conv2d) else None
+    if conv is None or conv.kernel_size != (WHITEN_KERNEL, WHITEN_KERNEL) or conv.out_channels != WHITEN_WIDTH:
+        return None
+    return conv
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set a whiten stem's filters from normalized training images (B, 3, H, W): the eigenvectors of the
+    2x2 patch covariance scaled by 1/sqrt(eigenvalue + eps), and their negations (Keller Jordan's airbench)."""
+    k = WHITEN_KERNEL
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)  # (M, 12)
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).float().view(-1, 3, k, k)  # patches are (C, kh, kw)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
