@@ -65,11 +65,11 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """Brightness, contrast and saturation factors in [1 - s, 1 + s], drawn per image (torchvision's ColorJitter math)."""
     b = x.shape[0]
-    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    luma = lambda t: t[:, :1] * 0.299 + t[:, 1:2] * 0.587 + t[:, 2:3] * 0.114  # noqa: E731  (no host tensor: capturable)
     x = x * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
-    mean = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    mean = luma(x).mean((2, 3), keepdim=True)
     x = mean + (x - mean) * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
-    gray = (x * gray_weights).sum(1, keepdim=True)
+    gray = luma(x)
     x = gray + (x - gray) * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
     return x.clamp(0, 1)
 

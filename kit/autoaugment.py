@@ -18,7 +18,8 @@ GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 def magnitudes(policy: str, size: int, num_bins: int = NUM_BINS) -> torch.Tensor:
-    """(len(OPS), num_bins) magnitude of each op at each bin (0 for ops without one), torchvision's tables."""
+    """(len(OPS), num_bins + 1): each op's magnitude at each bin (0 for ops without one), torchvision's tables,
+    and a last column that is 1 for the signed ops."""
     wide = policy == "trivialaugment"
     lin = lambda high: torch.linspace(0.0, high, num_bins)  # noqa: E731
     table = {
@@ -29,7 +30,8 @@ def magnitudes(policy: str, size: int, num_bins: int = NUM_BINS) -> torch.Tensor
         "Posterize": (8 - (torch.arange(num_bins) / ((num_bins - 1) / (6 if wide else 4)))).round(),
         "Solarize": torch.linspace(1.0, 0.0, num_bins),
     }
-    return torch.stack([table.get(op, torch.zeros(num_bins)) for op in OPS])
+    signed = torch.tensor([[float(op in SIGNED)] for op in OPS])
+    return torch.cat([torch.stack([table.get(op, torch.zeros(num_bins)) for op in OPS]), signed], 1)
 
 
 def _op(name: str) -> int:
@@ -65,8 +67,8 @@ def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=x.device)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=x.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # (H, W, 3)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device, dtype=theta.dtype)
-    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)  # (B, H*W, 2)
+    inv_half = torch.linspace(2.0 / w, 2.0 / h, 2, device=x.device, dtype=theta.dtype)  # [2/w, 2/h], made on the device
+    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) * inv_half)  # (B, H*W, 2)
     return F.grid_sample(x, grid.view(b, h, w, 2).to(x.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
 
 
@@ -134,18 +136,19 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 
 
 def _draw(table: torch.Tensor, bins: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's op, and its magnitude at `bins`, negated half the time for signed ops."""
+    """Each image's op, and its magnitude at `bins`, negated half the time for signed ops. `table` is
+    magnitudes() on the device with a last column marking the signed ops (no host copy here: capturable)."""
     n = len(bins)
     op = torch.randint(0, len(OPS), (n,), generator=gen, device=gen.device)
-    signed = torch.tensor([o in SIGNED for o in OPS], device=gen.device)[op]
+    signed = table[op, -1] > 0
     flip = signed & (torch.rand(n, generator=gen, device=gen.device) <= 0.5)
-    m = table.to(gen.device)[op, bins]
+    m = table[op, bins]
     return op, torch.where(flip, -m, m)
 
 
 def trivial_augment(x: torch.Tensor, gen: torch.Generator, table: torch.Tensor) -> torch.Tensor:
     """TrivialAugment-Wide: one op per image at a uniformly drawn magnitude bin."""
-    bins = torch.randint(0, table.shape[1], (x.shape[0],), generator=gen, device=gen.device)
+    bins = torch.randint(0, table.shape[1] - 1, (x.shape[0],), generator=gen, device=gen.device)
     return apply_ops(x, *_draw(table, bins, gen))
 
 

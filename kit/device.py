@@ -32,7 +32,8 @@ class Precision:
     def autocast(self):
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # no cast cache: a captured CUDA graph must not hold casts cached outside it (torch's CUDA-graph notes)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -79,6 +79,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
         self._lane = torch.arange(self.local_batch, device=device)
+        self._eager_updates = 0  # since this Trainer was built: a resumed run warms up before capture too
 
     def step(self) -> None:
         """One update, in order. No host sync, no host-dependent shapes: capturable as it stands."""
@@ -154,7 +155,7 @@ class Trainer:
     def _one_update(self) -> None:
         if self.graph is not None:
             self.graph.replay()
-        elif self.capture and self.num_updates >= WARMUP_STEPS:
+        elif self.capture and self._eager_updates >= WARMUP_STEPS:
             self._capture()
             self.graph.replay()
         elif self.capture:
@@ -163,6 +164,7 @@ class Trainer:
             with torch.cuda.stream(stream):
                 self.step()
             torch.cuda.current_stream().wait_stream(stream)
+            self._eager_updates += 1
         else:
             self.step()
         self.num_updates += 1

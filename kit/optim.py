@@ -47,6 +47,13 @@ def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool
     return True
 
 
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Adam and AdamW refuse CUDA-graph capture of step() unless their groups say capturable (fused or not)."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+
+
 DEVICE_FLAGS = ("fused", "foreach", "capturable")  # how a group steps on this device, not what it learned
 
 

@@ -16,7 +16,7 @@ from kit.ema import CachedModelEma
 from kit.engine import ForwardLoss, Trainer, graph_blocker
 from kit.models import build_model, count_parameters
 from kit.models.resnet import init_whitening, whiten_stem
-from kit.optim import build_optimizer, lr_on_device
+from kit.optim import build_optimizer, lr_on_device, make_capturable
 from kit.recipe import Recipe
 from kit.schedule import Plateau, lr_table
 
@@ -115,6 +115,8 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
                             fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
     if blocker and device.type == "cuda":
         echo(f"eager step (not one CUDA graph): {blocker}")
+    elif device.type == "cuda":
+        make_capturable(optimizer)
     mean = torch.tensor(dataset.mean, device=device)
     std = torch.tensor(dataset.std, device=device)
     forward_loss = ForwardLoss(_wrap(model, world_size, device), _loss(recipe))

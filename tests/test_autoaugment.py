@@ -67,7 +67,8 @@ def test_magnitude_tables_are_torchvisions(policy, cls):
     for i, op in enumerate(OPS):
         values = space[op][0](NUM_BINS, 32, 32)
         expected = torch.zeros(NUM_BINS) if values is None else values.float()
-        assert torch.allclose(table[i], expected), op
+        assert torch.allclose(table[i, :-1], expected), op
+        assert bool(table[i, -1]) == space[op][1], op  # the signed flag
 
 
 def test_ops_are_drawn_per_sample():
