@@ -17,11 +17,13 @@ def build_optimizer(model: nn.Module, spec: OptimSpec, fused: bool = False) -> t
     if fused and spec.name in FUSABLE:
         extra["fused"] = True
     params = model
-    if spec.norm_bias_lr_scale != 1.0:  # norm weights and biases are the 1-D parameters
-        flat = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    if spec.norm_lr_scale != 1.0:
+        norm = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters(recurse=False) if p.requires_grad]
+        ids = {id(p) for p in norm}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         decay = spec.weight_decay if spec.decay_norm_and_bias else 0.0
-        params = [{"params": [p for p in model.parameters() if p.requires_grad and p.ndim > 1]},
-                  {"params": flat, "lr_scale": spec.norm_bias_lr_scale, "weight_decay": decay}]
+        params = [{"params": rest}, {"params": norm, "lr_scale": spec.norm_lr_scale, "weight_decay": decay}]
     return create_optimizer_v2(params, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay,
                                momentum=spec.momentum, filter_bias_and_bn=not spec.decay_norm_and_bias, **extra)
 

@@ -55,7 +55,7 @@ class OptimSpec:
     weight_decay: float = non_negative(0.0)
     betas: tuple[float, float] | None = None
     decay_norm_and_bias: bool = True  # torch's default; timm's would exempt BN and bias from weight decay
-    norm_bias_lr_scale: float = positive(1.0)  # LR multiplier for norm weights and all biases (airbench: 64)
+    norm_lr_scale: float = positive(1.0)  # LR multiplier for BatchNorm weights and biases (airbench: 64 on BN biases)
     grad_clip: float | None = positive(None)
     grad_clip_mode: Literal["norm", "value"] = "norm"
 

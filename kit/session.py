@@ -52,10 +52,6 @@ class Session:
     def ema_model(self) -> nn.Module | None:
         return None if self.ema is None else self.ema.module
 
-    @property
-    def train(self) -> Split:
-        return self.trainer.data
-
     def lr_at_epoch(self, epoch: int) -> float:
         """The LR of the first update of epoch `epoch` (0-based)."""
         table = self.trainer.lr_table

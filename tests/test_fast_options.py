@@ -65,13 +65,15 @@ def test_alternating_flip_alternates_per_image():
     assert torch.equal(alternating_flip(x, index, torch.tensor(2)), even)
 
 
-def test_norm_and_bias_parameters_get_their_lr_scale(demo_data):
-    recipe = tiny_recipe(optim__norm_bias_lr_scale=8.0)
+def test_batchnorm_parameters_get_their_lr_scale(demo_data):
+    recipe = tiny_recipe(optim__norm_lr_scale=8.0)
     session = build_session(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
     session.trainer.epoch(max_steps=2)
     groups = session.optimizer.param_groups
     assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 8.0]
-    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    norms = {id(p) for m in session.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == norms
+    assert id(session.model.fc.bias) in {id(p) for p in groups[0]["params"]}  # the classifier keeps the base LR
     assert groups[1]["lr"] == 8.0 * groups[0]["lr"] == 8.0 * 0.004
 
 
