@@ -3,6 +3,7 @@ once from the recipe's schedule. timm's schedulers define the values (warmup inc
 the one-cycle formula; they are stepped on a stand-in optimizer and read off. Resume and `--set
 train.epochs=N` rebuild the table; nothing about the schedule needs saving but a plateau's state."""
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,12 @@ def lr_table(spec: ScheduleSpec, base_lr: float, epochs: int, updates_per_epoch:
         sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=base_lr, total_steps=total,
                                                     pct_start=spec.onecycle_pct_start)
         values = []
-        for t in range(total):
-            values.append(optimizer.param_groups[0]["lr"])
-            if t + 1 < total:
-                sched.step()
+        with warnings.catch_warnings():  # the stand-in optimizer never steps: torch's order warning does not apply
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for t in range(total):
+                values.append(optimizer.param_groups[0]["lr"])
+                if t + 1 < total:
+                    sched.step()
         return torch.tensor(values, dtype=torch.float64)
     scheduler = _timm_scheduler(optimizer, spec, epochs, updates_per_epoch)
     if scheduler is None or spec.name == "plateau":
