@@ -122,12 +122,13 @@ class Trainer:
             self.ema.update(self.model)
 
     def _set_lr(self) -> None:
+        last = len(self.lr_table) - 1  # past the planned updates (a long bench) the last LR holds
         if self.lr_tensors:  # fused CUDA optimizers read the LR from device memory
-            lr = self.lr_table[self.update]
+            lr = self.lr_table[self.update.clamp(max=last)]
             for t, scale in self.lr_tensors:
                 t.copy_(lr * scale)
         else:  # eager: a host float (the table is on the CPU then, so this is no device sync)
-            lr = float(self.lr_table[self.num_updates])
+            lr = float(self.lr_table[min(self.num_updates, last)])
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
 

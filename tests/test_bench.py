@@ -22,6 +22,12 @@ def test_bench_returns_the_ratio_of_the_rates_it_measured():
     assert figures["floor_images_per_s"] is None  # no known peak for a CPU
 
 
+def test_bench_runs_past_the_recipes_planned_updates():
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ("train.epochs=1", "train.batch_size=600"))  # 2 updates planned
+    figures = bench(recipe, steps=3, warmup=2, device="cpu", echo=lambda _: None)
+    assert figures["kit"] > 0
+
+
 def _forward_flops_by_hand(model: torch.nn.Module) -> float:
     """2 x multiply-adds of every convolution and the classifier for one 32x32 image."""
     flops, hooks = 0.0, []

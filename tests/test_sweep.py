@@ -46,6 +46,12 @@ def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path):
     assert len(pd.read_csv(folder / "trials" / "trial-0000" / "metrics.csv")) == 1
 
 
+def test_jobs_run_trials_in_worker_processes(demo_data, tmp_path):
+    table = sweep(DEMO, overrides=("train.epochs=1",), grid=("optim.lr=0.004,0.002",), out_root=str(tmp_path), jobs=2,
+                  data_root=str(demo_data), device="cpu", prune=False, echo=quiet)
+    assert len(table) == 2 and set(table.state) == {"COMPLETE"} and table.overrides.is_unique
+
+
 def test_a_hopeless_trial_is_pruned(demo_data, tmp_path):
     table = sweep(DEMO, overrides=("train.epochs=3",), grid=("optim.lr=0.004,1e-9",), out_root=str(tmp_path),
                   data_root=str(demo_data), device="cpu", prune_startup=1, echo=quiet)
