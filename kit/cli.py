@@ -180,7 +180,8 @@ def data_download_cmd(dataset, out_dir):
 @click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
 @device_option
 def bench_cmd(recipe, overrides, steps, warmup, batch_size, data_root, device):
-    """Training images/s of the kit engine vs a seed-style DataLoader loop, and the ratio."""
+    """Training images/s of the kit engine vs a seed-style DataLoader loop and their ratio, the eager step's
+    breakdown (augmentation, forward + backward, optimizer + EMA) and the model's floor (FLOPs, activation bytes)."""
     from kit.bench import bench
     from kit.recipe import load_recipe
     bench(load_recipe(recipe, tuple(overrides)), steps=steps, batch_size=batch_size, data_root=data_root, device=device,
