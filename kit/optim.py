@@ -60,11 +60,16 @@ DEVICE_FLAGS = ("fused", "foreach", "capturable")  # how a group steps on this d
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """load_state_dict, keeping this optimizer's device flags: a state saved with a fused CUDA optimizer
-    then steps with the CPU's kernels, and the other way round."""
+    """load_state_dict, keeping this optimizer's device flags (a state saved with a fused CUDA optimizer then
+    steps with the CPU's kernels, and the other way round) and its LR tensors: the engine writes each update's
+    LR into those very tensors, which load_state_dict would otherwise replace with the saved ones."""
     flags = [{k: g[k] for k in DEVICE_FLAGS if k in g} for g in optimizer.param_groups]
+    lrs = [g["lr"] for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, own in zip(optimizer.param_groups, flags):
+    for group, own, lr in zip(optimizer.param_groups, flags, lrs):
         group.update(own)
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
 
 

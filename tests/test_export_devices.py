@@ -120,3 +120,18 @@ def test_cached_ema_equals_timm_model_ema_v3():
         theirs.update(model, step=step)
     for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_optimizer_state_keeps_the_engines_lr_tensors():
+    """On CUDA the engine writes every update's LR into the param groups' LR tensors: a resume must keep them."""
+    from kit.optim import load_optimizer_state
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    saved = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    params[0].grad = torch.ones(2)
+    saved.step()
+    fresh = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    lr = torch.tensor(0.1)
+    fresh.param_groups[0]["lr"] = lr
+    load_optimizer_state(fresh, saved.state_dict())
+    assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
+    assert "momentum_buffer" in fresh.state[params[0]]
