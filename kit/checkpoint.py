@@ -78,14 +78,20 @@ def save_checkpoint(payload: dict, path: Path) -> None:
         torch.save(payload, tmp)
 
 
-def read_payload(path: str | Path) -> dict:
-    """A checkpoint's contents: a `.pt` file, a `.safetensors` file from `kit export`, or a run directory
-    (its best.pt). `payload['path']` is the file read."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a checkpoint argument names: itself, or a run directory's best.pt; it must exist."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise KitError(f"{path}: checkpoint not found (give a run directory, a .pt or a .safetensors file)")
+    return path
+
+
+def read_payload(path: str | Path) -> dict:
+    """A checkpoint's contents: a `.pt` file, a `.safetensors` file from `kit export`, or a run directory
+    (its best.pt). `payload['path']` is the file read."""
+    path = checkpoint_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:

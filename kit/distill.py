@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kit.checkpoint import checkpoint_from_payload, read_payload
+from kit.checkpoint import checkpoint_file, checkpoint_from_payload, read_payload
 from kit.errors import KitError
 from kit.recipe import Recipe
 
@@ -31,7 +31,7 @@ def resolve_teachers(recipe: Recipe, source: str) -> Recipe:
     spec = recipe.distill
     if not spec.teachers:
         return recipe
-    files = [str(Path(read_payload(t)["path"]).resolve()) for t in spec.teachers]  # a missing or unreadable one fails here
+    files = [str(checkpoint_file(t).resolve()) for t in spec.teachers]  # a missing one fails here, an unreadable one on loading
     hashes = tuple(file_sha256(f) for f in files)
     if spec.teacher_sha256 and tuple(spec.teacher_sha256) != hashes:
         changed = next(f for f, old, new in zip(files, spec.teacher_sha256, hashes) if old != new)

@@ -81,6 +81,15 @@ class Trainer:
         self._lane = torch.arange(self.local_batch, device=device)
         self._eager_updates = 0  # since this Trainer was built: a resumed run warms up before capture too
 
+    @property
+    def updates_per_epoch(self) -> int:
+        return len(self.data) // self.batch_size  # the last partial batch is dropped
+
+    def resume_at(self, num_updates: int) -> None:
+        """Set both update counters (host and device) for a resumed run."""
+        self.num_updates = num_updates
+        self.update.fill_(num_updates)
+
     def step(self) -> None:
         """One update, in order. No host sync, no host-dependent shapes: capturable as it stands."""
         self.optimizer.zero_grad(set_to_none=self.graph is None and not self.capture)
@@ -136,11 +145,10 @@ class Trainer:
         """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
         statistics stay on the device until the end."""
         self.forward_loss.train()
-        steps = len(self.data) // self.batch_size
-        steps = min(steps, max_steps) if max_steps is not None else steps
+        steps = self.updates_per_epoch if max_steps is None else min(self.updates_per_epoch, max_steps)
         torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
         self.offset.fill_(self.rank * self.local_batch)
-        self.parity.fill_(self.num_updates // max(len(self.data) // self.batch_size, 1) % 2)
+        self.parity.fill_(self.num_updates // max(self.updates_per_epoch, 1) % 2)
         self.loss_sum.zero_()
         self.correct_sum.zero_()
         start = time.perf_counter()

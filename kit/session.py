@@ -46,7 +46,10 @@ class Session:
     mean: torch.Tensor
     std: torch.Tensor
     num_params: int
-    updates_per_epoch: int
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.trainer.updates_per_epoch
 
     @property
     def ema_model(self) -> nn.Module | None:
@@ -102,8 +105,7 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     train = to_device(dataset.train, device)
-    updates_per_epoch = len(train) // spec.batch_size
-    table = lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, updates_per_epoch)
+    table = lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, len(train) // spec.batch_size)
     if device.type == "cuda" and lr_on_device(optimizer, device):
         table = table.float().to(device)
     scaler = torch.amp.GradScaler("cuda") if prec.dtype == torch.float16 else None
@@ -129,4 +131,4 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
                       capture=blocker is None and device.type == "cuda")
     plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
     return Session(model, ema, optimizer, trainer, plateau, scaler, prec, to_device(dataset.val, device), mean, std,
-                   count_parameters(model), updates_per_epoch)
+                   count_parameters(model))

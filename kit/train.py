@@ -82,8 +82,8 @@ class Run:
         load_optimizer_state(s.optimizer, payload["optimizer"])
         if s.scaler is not None and payload["scaler"] is not None:
             s.scaler.load_state_dict(payload["scaler"])
-        self.epoch, t.num_updates = payload["epoch"], payload["num_updates"]
-        t.update.fill_(t.num_updates)
+        self.epoch = payload["epoch"]
+        t.resume_at(payload["num_updates"])
         self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
         if s.plateau is not None:
             s.plateau.load_state_dict(payload["scheduler"], t.lr_table, self.epoch, s.updates_per_epoch)
