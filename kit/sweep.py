@@ -231,6 +231,8 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     say = lambda line: echo(f"[trial {trial.number}] {line}")  # noqa: E731
 
     def report(run) -> None:
+        if "parameters" not in trial.user_attrs:  # counted once, by the session that built the model
+            trial.set_user_attr("parameters", run.s.num_params)
         row = run.metrics.iloc[-1]
         trial.report(float(max(row.val_acc, 0.0 if pd.isna(row.ema_val_acc) else row.ema_val_acc)), step=int(row.epoch))
         if row.epoch < run.recipe.train.epochs and trial.should_prune():  # pruning the last epoch saves nothing
@@ -290,17 +292,9 @@ def results_table(sweep: Sweep, study) -> pd.DataFrame:
         metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
         best = float(metrics[["val_acc", "ema_val_acc"]].max(axis=1).max()) if len(metrics) else float("nan")
         rows.append({"trial": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", ""),
-                     "parameters": _parameters(run_dir), "epochs": len(metrics), "best_val_acc": best,
+                     "parameters": t.user_attrs.get("parameters"), "epochs": len(metrics), "best_val_acc": best,
                      "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0, "run_dir": str(run_dir)})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"parameters": "Int64"})
-
-
-def _parameters(run_dir: Path) -> int | None:
-    if not (run_dir / "recipe.yaml").is_file():
-        return None
-    from kit.models import build_model, count_parameters
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    return count_parameters(build_model(recipe, str(run_dir / "recipe.yaml"), check_budget=False))
 
 
 def write_results(sweep: Sweep, study) -> pd.DataFrame:
