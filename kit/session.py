@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kit.augment import BatchAugment
+from kit.augment import BatchAugment, normalize, to_float
 from kit.data import Dataset, Split
 from kit.device import Precision, training_precision
 from kit.ema import CachedModelEma
@@ -61,11 +61,9 @@ class Session:
         return float(table[min(epoch * self.updates_per_epoch, len(table) - 1)])
 
 
-def _normalized_sample(dataset: Dataset, device: torch.device, n: int = 5000) -> torch.Tensor:
+def whitening_sample(dataset: Dataset, mean: torch.Tensor, std: torch.Tensor, n: int = 5000) -> torch.Tensor:
     """The first n training images, normalized (airbench whitens from 5,000)."""
-    images = dataset.train.images[:n].to(device).float().div_(255)
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (dataset.mean, dataset.std))
-    return (images - mean) / std
+    return normalize(to_float(dataset.train.images[:n].to(mean.device)), mean, std)
 
 
 def _loss(recipe: Recipe) -> nn.Module:
@@ -97,9 +95,11 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     seed_everything(spec.seed)
     prec = training_precision(spec.precision, spec.channels_last, device)
     model = build_model(recipe, source).to(device)
+    mean = torch.tensor(dataset.mean, device=device)
+    std = torch.tensor(dataset.std, device=device)
     stem = whiten_stem(model)
     if stem is not None:
-        init_whitening(stem, _normalized_sample(dataset, device))
+        init_whitening(stem, whitening_sample(dataset, mean, std))
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None
@@ -115,8 +115,6 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
         echo(f"eager step (not one CUDA graph): {blocker}")
     elif device.type == "cuda":
         make_capturable(optimizer)
-    mean = torch.tensor(dataset.mean, device=device)
-    std = torch.tensor(dataset.std, device=device)
     forward_loss = ForwardLoss(_wrap(model, world_size, device), _loss(recipe))
     if recipe.distill.teachers:
         from kit.distill import DistillLoss, load_teachers
