@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kit.autoaugment import magnitudes, rand_augment, sharpen, trivial_augment
 from kit.recipe import AugmentSpec
 
 
@@ -117,7 +118,6 @@ def random_erasing(x: torch.Tensor, prob: float, area: tuple[float, float], mode
 
 def random_sharpness(x: torch.Tensor, factor: float, prob: float, gen: torch.Generator) -> torch.Tensor:
     """torchvision's RandomAdjustSharpness(factor, p), drawn per image."""
-    from kit.autoaugment import sharpen
     apply = torch.rand(x.shape[0], generator=gen, device=gen.device) < prob
     return torch.where(apply.view(-1, 1, 1, 1), sharpen(x, torch.full((x.shape[0],), factor, device=x.device)), x)
 
@@ -130,7 +130,6 @@ class BatchAugment:
         self.spec, self.mean, self.std = spec, mean, std
         self.policy_table = None
         if spec.policy != "none":
-            from kit.autoaugment import magnitudes
             self.policy_table = magnitudes(spec.policy, 32).to(mean.device)
         self.mixup = None
         if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
@@ -149,10 +148,8 @@ class BatchAugment:
         elif spec.flip:
             x = random_flip(x, gen)
         if spec.policy == "trivialaugment":
-            from kit.autoaugment import trivial_augment
             x = trivial_augment(x, gen, self.policy_table)
         elif spec.policy == "randaugment":
-            from kit.autoaugment import rand_augment
             x = rand_augment(x, gen, self.policy_table, spec.randaugment_ops, spec.randaugment_magnitude)
         if spec.sharpness_factor and spec.sharpness_prob:
             x = random_sharpness(x, spec.sharpness_factor, spec.sharpness_prob, gen)

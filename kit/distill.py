@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kit.checkpoint import checkpoint_file, checkpoint_from_payload, read_payload
+from kit.checkpoint import checkpoint_file, load_checkpoint
 from kit.errors import KitError
 from kit.recipe import Recipe
 
@@ -70,7 +70,7 @@ def load_teachers(recipe: Recipe, mean: torch.Tensor, std: torch.Tensor, device:
     models, scales, shifts = [], [], []
     with torch.random.fork_rng(devices=[]):
         for path in spec.teachers:
-            teacher = checkpoint_from_payload(read_payload(path), path, spec.weights_from, device)
+            teacher = load_checkpoint(path, spec.weights_from, device)
             if len(teacher.classes) != recipe.model.num_classes:
                 raise KitError(f"{teacher.path}: a teacher with {len(teacher.classes)} classes cannot teach a student with "
                                f"{recipe.model.num_classes} (model.num_classes)")
