@@ -92,13 +92,21 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, dev
         args += [a for o in overrides for a in ("--set", o)]
         sys.exit(distributed.launch(gpus, args))
     overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
+    if resume_dir:
+        _run_and_print(lambda: resume(resume_dir, overrides=overrides, data_root=data_root, device=device))
+    else:
+        _run_and_print(lambda: train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device))
+
+
+def _run_and_print(start) -> None:
+    """Run a training function; print its run directory once (rank 0 under torchrun); end the process group."""
+    from kit import distributed
     try:
-        if resume_dir:
-            run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)
-        else:
-            run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
-    finally:
-        distributed.stop()
+        run = start()
+    except BaseException:
+        distributed.stop(finished=False)
+        raise
+    distributed.stop()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"run: {run}")
 
@@ -118,8 +126,7 @@ def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
     from kit.train import train
     listed = yaml.safe_dump([str(t) for t in teachers], default_flow_style=True).strip()
     student = load_recipe(recipe, (f"distill.teachers={listed}",) + tuple(overrides))
-    run = train(student, data_root=data_root, out_root=out_root, device=device)
-    click.echo(f"run: {run}")
+    _run_and_print(lambda: train(student, data_root=data_root, out_root=out_root, device=device))
 
 
 @cli.command("sweep")

@@ -41,9 +41,14 @@ def start(device: str) -> tuple[Ranks, torch.device]:
     return ranks, dev
 
 
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def stop(finished: bool = True) -> None:
+    """End the process group. After a finished run the ranks meet at a barrier first: destroying it while a peer
+    is still in its last collective aborts gloo's worker threads at exit. After an error nobody waits."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def broadcast(value: Any, ranks: Ranks) -> Any:
