@@ -86,7 +86,7 @@ def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.T
 def sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_sharpness: blend the interior with a 3x3 smoothing (1s around a 5, over 13); borders kept."""
     kernel = torch.full((3, 3), 1.0 / 13.0, device=x.device, dtype=x.dtype)
-    kernel[1, 1] = 5.0 / 13.0
+    kernel[1, 1].fill_(5.0 / 13.0)  # fill_ writes on the device; `= 5.0 / 13.0` would copy a host tensor in
     blurred = F.conv2d(x, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
     inner = x[..., 1:-1, 1:-1]
     out = x.clone()

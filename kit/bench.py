@@ -158,7 +158,7 @@ def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, steps
     """The seed-style loop: per-sample CPU transforms in 2 workers, fp32, contiguous NCHW."""
     seed_everything(recipe.train.seed)
     model = build_model(recipe, recipe.name, check_budget=False).to(device)
-    optimizer = build_optimizer(model, recipe.optim)
+    optimizer = build_optimizer(model, recipe.optim, fused=False)  # a notebook's plain torch optimizer
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(_Images(data.train, baseline_transform(recipe.augment, data.mean, data.std)),
                         batch_size=recipe.train.batch_size, shuffle=True, num_workers=2, drop_last=True,

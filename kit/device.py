@@ -1,5 +1,10 @@
 """Where and how the math runs, in one place: the device, the autocast precision, the memory format and
-the determinism switch. Training, predict, evaluate, report and bench all set up through here."""
+the determinism switch. Training, predict, evaluate, report and bench all set up through here.
+
+The update's code is the same on every device (fused optimizers, the LR as a device tensor, the same
+augmentation and loss). What differs between the CPU and CUDA is decided here and nowhere else:
+`training_precision` (autocast dtype and memory format), `compiles` (torch.compile), `captures` (one CUDA
+graph per update), `side_stream` (the eager updates before capture) and `synchronize`."""
 
 import os
 from contextlib import contextmanager, nullcontext
@@ -49,6 +54,35 @@ def training_precision(precision: str, channels_last: bool, device: torch.device
 def inference_precision(device: torch.device) -> Precision:
     """What predict, evaluate and report run in: bf16 on CUDA, fp32 on the CPU."""
     return Precision(device, torch.bfloat16 if device.type == "cuda" else None)
+
+
+def compiles(device: torch.device) -> bool:
+    """torch.compile runs where inductor's kernels pay for their compile time: CUDA (CPU tests stay fast)."""
+    return device.type == "cuda"
+
+
+def captures(device: torch.device) -> bool:
+    """Whether the update is recorded once as a CUDA graph and replayed (when nothing in the recipe blocks it)."""
+    return device.type == "cuda"
+
+
+@contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """The eager updates before capture run on a side stream (torch's CUDA-graph warm-up rule); nothing on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, which runs each op as it is called)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager

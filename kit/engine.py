@@ -3,10 +3,13 @@
 One update, in order, in `Trainer.step`: zero_grad -> batch of this epoch's permutation -> augment ->
 forward + loss -> backward -> clip -> optimizer step at this update's LR -> EMA -> device-side sums.
 It holds no host work: batch indices come from a device permutation and a device offset, the LR from a
-device table indexed by a device counter, random draws from one generator. So the CPU runs it eagerly
-(what the tests exercise), and on CUDA it is captured once as a CUDA graph and replayed every update.
+device table indexed by a device counter (fused optimizers on every device), random draws from one generator.
+The CPU runs this very update eagerly (what the tests exercise, `tests/test_capture.py` under a dispatch mode
+that names any capture hazard); on CUDA it is captured once as a CUDA graph and replayed every update, and a
+capture that fails falls back to the same update run eagerly, from the same state.
 """
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,9 +20,10 @@ from torch import nn
 
 from kit.augment import BatchAugment, normalize, to_float
 from kit.data import Split
-from kit.device import Precision
-from kit.optim import clip_gradients
+from kit.device import Precision, side_stream, synchronize
+from kit.optim import clip_gradients, load_optimizer_state
 from kit.recipe import OptimSpec
+from kit.schedule import LearningRate
 
 WARMUP_STEPS = 3  # eager updates on a side stream before capture (cuDNN autotuning, optimizer state allocation)
 
@@ -54,7 +58,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     augment: BatchAugment
     data: Split  # training images (uint8) and labels, on the device
-    lr_table: torch.Tensor  # (total updates,) on the device: the LR of update t
+    lr: LearningRate  # writes update t's LR into the optimizer (from the device, for fused optimizers)
     clip: OptimSpec
     prec: Precision
     order_gen: torch.Generator  # the epoch's permutation: the same on every rank
@@ -64,8 +68,9 @@ class Trainer:
     scaler: torch.amp.GradScaler | None = None
     rank: int = 0
     world_size: int = 1
-    capture: bool = False  # capture the step as a CUDA graph (decided by the session, see `graph_blocker`)
+    capture: bool = False  # capture the update as a CUDA graph (decided by the session: `graph_blocker`, `captures`)
     num_updates: int = 0  # host count of updates done (the device keeps its own in `update`)
+    echo: Callable[[str], None] = print
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -74,7 +79,6 @@ class Trainer:
         self.order = torch.arange(len(self.data), device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)  # where this rank's next slice starts
         self.update = torch.full((), self.num_updates, dtype=torch.long, device=device)
-        self.lr_tensors = [(g["lr"], g.get("lr_scale", 1.0)) for g in self.optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
         self.parity = torch.zeros((), dtype=torch.long, device=device)  # the epoch's parity, for alternating flips
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
@@ -91,8 +95,9 @@ class Trainer:
         self.update.fill_(num_updates)
 
     def step(self) -> None:
-        """One update, in order. No host sync, no host-dependent shapes: capturable as it stands."""
-        self.optimizer.zero_grad(set_to_none=self.graph is None and not self.capture)
+        """One update, in order. No host read, no host tensor, no data-dependent shape: capturable as it stands
+        (tests/test_capture.py checks it for every recipe on the CPU)."""
+        self.optimizer.zero_grad(set_to_none=False)  # before capture the gradients are None, then allocated in the graph
         inputs, targets, labels = self.augmented_batch()
         loss, correct = self.forward_backward(inputs, targets, labels)
         self.apply_update()
@@ -121,7 +126,7 @@ class Trainer:
     def apply_update(self) -> None:
         """Clip, optimizer step at this update's LR, EMA."""
         clip_gradients(self.model, self.clip)
-        self._set_lr()
+        self.lr.write(self.update, self.num_updates)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -129,17 +134,6 @@ class Trainer:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-
-    def _set_lr(self) -> None:
-        last = len(self.lr_table) - 1  # past the planned updates (a long bench) the last LR holds
-        if self.lr_tensors:  # fused CUDA optimizers read the LR from device memory
-            lr = self.lr_table[self.update.clamp(max=last)]
-            for t, scale in self.lr_tensors:
-                t.copy_(lr * scale)
-        else:  # eager: a host float (the table is on the CPU then, so this is no device sync)
-            lr = float(self.lr_table[min(self.num_updates, last)])
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def epoch(self, max_steps: int | None = None, progress: Callable | None = None) -> EpochResult:
         """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
@@ -165,26 +159,59 @@ class Trainer:
         if self.graph is not None:
             self.graph.replay()
         elif self.capture and self._eager_updates >= WARMUP_STEPS:
-            self._capture()
-            self.graph.replay()
+            self._capture_or_go_eager()
         elif self.capture:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with side_stream(self.prec.device):
                 self.step()
-            torch.cuda.current_stream().wait_stream(stream)
             self._eager_updates += 1
         else:
             self.step()
         self.num_updates += 1
 
-    def _capture(self) -> None:
-        """Record one update (its kernels do not run now: the first replay runs them)."""
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.register_generator_state(self.aug_gen)  # each replay advances the augmentation stream
-        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
-        with torch.cuda.graph(self.graph):
+    def _capture_or_go_eager(self) -> None:
+        """Capture the update and run it (its first replay); if either raises, put back the state from before
+        the attempt and go on eagerly: the same update count, random streams and weights, nothing lost."""
+        saved = copy.deepcopy(self.state_dict())
+        try:
+            self.graph = self.record_graph()
+            self.graph.replay()
+        except Exception as err:  # torch raises RuntimeError, AssertionError, ... from inside a capture
+            self.graph, self.capture = None, False
+            self.load_state_dict(saved)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            self.echo(f"note: the update could not be captured as a CUDA graph ({reason}); "
+                      f"training goes on eagerly from update {self.num_updates}")
             self.step()
+
+    def record_graph(self) -> torch.cuda.CUDAGraph:
+        """Record one update as a CUDA graph (its kernels do not run now: the first replay runs them)."""
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.aug_gen)  # each replay advances the augmentation stream
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
+        with torch.cuda.graph(graph):
+            self.step()
+        return graph
+
+    def state_dict(self) -> dict:
+        """Everything the update reads and writes (references, as torch's own state_dicts): weights, EMA,
+        optimizer, scaler, both counters, the epoch's order and position, the device sums, both random streams."""
+        return {"model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "num_updates": self.num_updates, "order_rng": self.order_gen.get_state(), "augment_rng": self.aug_gen.get_state(),
+                "position": {name: getattr(self, name) for name in ("order", "offset", "parity", "loss_sum", "correct_sum")}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.resume_at(state["num_updates"])
+        self.order_gen.set_state(state["order_rng"])
+        self.aug_gen.set_state(state["augment_rng"])
+        for name, value in state["position"].items():
+            getattr(self, name).copy_(value)
 
     def _totals(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Loss and correct sums and images seen, summed over ranks."""
@@ -195,16 +222,16 @@ class Trainer:
             dist.all_reduce(correct)
             loss_sum /= self.world_size  # a mean of per-rank batch means
             seen *= self.world_size
-        if self.prec.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.prec.device)
         return loss_sum, correct, seen
 
 
-def graph_blocker(*, device: torch.device, cuda_graph: bool, mixup: bool, fp16: bool, optimizer: torch.optim.Optimizer,
+def graph_blocker(*, cuda_graph: bool, mixup: bool, fp16: bool, optimizer: torch.optim.Optimizer,
                   world_size: int) -> str | None:
-    """Why the step cannot be captured as a CUDA graph (None: it can)."""
-    if device.type != "cuda" or not cuda_graph:
-        return "train.cuda_graph: false" if device.type == "cuda" else None
+    """Why the update cannot be captured as a CUDA graph (None: it can). The same answer on every device: the
+    CPU runs the capturable update too (`kit.device.captures` says where it is then recorded)."""
+    if not cuda_graph:
+        return "train.cuda_graph: false"
     if mixup:
         return "augment.mixup_alpha/cutmix_alpha: timm's Mixup draws its mixing on the host"
     if fp16:
@@ -212,7 +239,7 @@ def graph_blocker(*, device: torch.device, cuda_graph: bool, mixup: bool, fp16: 
     if world_size > 1:
         return "several processes: DistributedDataParallel's gradient hooks are not captured"
     if not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
-        return f"optim.name: {type(optimizer).__name__} has no fused CUDA kernel reading its LR from the device"
+        return f"optim.name: {type(optimizer).__name__} has no fused kernel reading its LR from the device"
     return None
 
 

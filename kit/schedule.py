@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from timm.scheduler import MultiStepLRScheduler, PlateauLRScheduler, create_scheduler_v2
 
+from kit.optim import lr_on_device
 from kit.recipe import ScheduleSpec
 
 
@@ -95,3 +96,53 @@ class Plateau:
 
     def _lr(self) -> float:
         return float(self.scheduler.optimizer.param_groups[0]["lr"])
+
+
+class LearningRate:
+    """The learning rate of a run in one object: the table (float64 on the host: what the metrics print and a
+    plateau rewrites), its float32 copy on the device, the per-update write into the optimizer's LR tensors,
+    and the plateau schedule with its state.
+
+    A fused optimizer (every device) reads its LR from a device tensor: `write` fills it from the device table at
+    the device's update counter with `take`, so no value crosses to the host and the write is captured with the
+    rest of the update. Other optimizers (Lookahead, RMSprop, ...) keep a host float, set from the host table."""
+
+    def __init__(self, table: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
+                 updates_per_epoch: int, plateau: Plateau | None = None):
+        self.table, self.groups, self.updates_per_epoch, self.plateau = table, optimizer.param_groups, updates_per_epoch, plateau
+        self.on_device = lr_on_device(optimizer, device)
+        self.device_table = table.to(device=device, dtype=torch.float32) if self.on_device else None
+        self.last = len(table) - 1  # past the planned updates (a long bench) the last LR holds
+
+    def write(self, update: torch.Tensor, num_updates: int) -> None:
+        """Set every group's LR for the update about to run (`update` on the device, `num_updates` its host twin)."""
+        if self.on_device:
+            lr = self.device_table.take(update.clamp(max=self.last))  # 0-dim, on the device: no host read
+            for group in self.groups:
+                group["lr"].copy_(lr * group.get("lr_scale", 1.0))
+        else:
+            lr = float(self.table[min(num_updates, self.last)])
+            for group in self.groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def at_epoch(self, epoch: int) -> float:
+        """The LR of the first update of epoch `epoch` (0-based)."""
+        return float(self.table[min(epoch * self.updates_per_epoch, self.last)])
+
+    def after_epoch(self, epoch: int, val_acc: float) -> None:
+        """`epoch` epochs are done: a plateau schedule rewrites the rest of the table (others are fixed)."""
+        if self.plateau is not None:
+            self.plateau.after_epoch(epoch, val_acc, self.table, self.updates_per_epoch)
+            self._to_device()
+
+    def state_dict(self) -> dict:
+        return self.plateau.state_dict() if self.plateau is not None else {}
+
+    def load_state_dict(self, state: dict, epoch: int) -> None:
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state, self.table, epoch, self.updates_per_epoch)
+            self._to_device()
+
+    def _to_device(self) -> None:
+        if self.device_table is not None:
+            self.device_table.copy_(self.table)  # between epochs, outside the update

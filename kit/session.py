@@ -11,14 +11,14 @@ from torch import nn
 
 from kit.augment import BatchAugment, normalize, to_float
 from kit.data import Dataset, Split
-from kit.device import Precision, training_precision
+from kit.device import Precision, captures, compiles, training_precision
 from kit.ema import CachedModelEma
 from kit.engine import ForwardLoss, Trainer, graph_blocker
 from kit.models import build_model, count_parameters
 from kit.models.resnet import init_whitening, whiten_stem
-from kit.optim import build_optimizer, lr_on_device, make_capturable
+from kit.optim import build_optimizer, make_capturable
 from kit.recipe import Recipe
-from kit.schedule import Plateau, lr_table
+from kit.schedule import LearningRate, Plateau, lr_table
 
 AUGMENT_SEED_STRIDE = 10_000  # rank r draws augmentation from seed + stride * (r + 1): apart from the order stream
 
@@ -39,7 +39,6 @@ class Session:
     ema: object | None
     optimizer: torch.optim.Optimizer
     trainer: Trainer
-    plateau: Plateau | None
     scaler: torch.amp.GradScaler | None
     prec: Precision
     val: Split
@@ -55,10 +54,9 @@ class Session:
     def ema_model(self) -> nn.Module | None:
         return None if self.ema is None else self.ema.module
 
-    def lr_at_epoch(self, epoch: int) -> float:
-        """The LR of the first update of epoch `epoch` (0-based)."""
-        table = self.trainer.lr_table
-        return float(table[min(epoch * self.updates_per_epoch, len(table) - 1)])
+    @property
+    def lr(self) -> LearningRate:
+        return self.trainer.lr
 
 
 def whitening_sample(dataset: Dataset, mean: torch.Tensor, std: torch.Tensor, n: int = 5000) -> torch.Tensor:
@@ -81,7 +79,7 @@ def _wrap(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
 
 
 def _compile(forward_loss: nn.Module, mode: str, capture: bool, device: torch.device) -> nn.Module:
-    if mode == "none" or device.type != "cuda":
+    if mode == "none" or not compiles(device):
         return forward_loss
     if capture:  # the whole step is one CUDA graph: compiled kernels go inside it, without graphs of their own
         return torch.compile(forward_loss, mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
@@ -103,30 +101,30 @@ def build_session(recipe: Recipe, dataset: Dataset, device: torch.device, source
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None
-    optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, recipe.optim)
     train = to_device(dataset.train, device)
-    table = lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, len(train) // spec.batch_size)
-    if device.type == "cuda" and lr_on_device(optimizer, device):
-        table = table.float().to(device)
+    updates_per_epoch = len(train) // spec.batch_size
+    plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
+    lr = LearningRate(lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, updates_per_epoch), optimizer, device,
+                      updates_per_epoch, plateau)
     scaler = torch.amp.GradScaler("cuda") if prec.dtype == torch.float16 else None
-    blocker = graph_blocker(device=device, cuda_graph=spec.cuda_graph, mixup=bool(recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha),
+    blocker = graph_blocker(cuda_graph=spec.cuda_graph, mixup=bool(recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha),
                             fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
-    if blocker and device.type == "cuda":
+    if blocker is None:
+        make_capturable(optimizer)  # on every device: the CPU runs the update CUDA captures
+    elif captures(device):
         echo(f"eager step (not one CUDA graph): {blocker}")
-    elif device.type == "cuda":
-        make_capturable(optimizer)
+    capture = blocker is None and captures(device)
     forward_loss = ForwardLoss(_wrap(model, world_size, device), _loss(recipe))
     if recipe.distill.teachers:
         from kit.distill import DistillLoss, load_teachers
         forward_loss = DistillLoss(forward_loss.model, forward_loss.loss_fn, load_teachers(recipe, mean, std, device),
                                    recipe.distill.alpha)
-    forward_loss = _compile(forward_loss, spec.compile, blocker is None and device.type == "cuda", device)
+    forward_loss = _compile(forward_loss, spec.compile, capture, device)
     augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing)
     order_gen = torch.Generator(device=device).manual_seed(spec.seed)
     aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))
-    trainer = Trainer(model, forward_loss, optimizer, augment, train, table, recipe.optim, prec, order_gen, aug_gen,
-                      spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size,
-                      capture=blocker is None and device.type == "cuda")
-    plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
-    return Session(model, ema, optimizer, trainer, plateau, scaler, prec, to_device(dataset.val, device), mean, std,
+    trainer = Trainer(model, forward_loss, optimizer, augment, train, lr, recipe.optim, prec, order_gen, aug_gen,
+                      spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size, capture=capture, echo=echo)
+    return Session(model, ema, optimizer, trainer, scaler, prec, to_device(dataset.val, device), mean, std,
                    count_parameters(model))

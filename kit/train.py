@@ -64,7 +64,7 @@ class Run:
         augment_states = distributed.gather(t.aug_gen.get_state(), self.ranks)
         return training_payload(
             model=s.model, ema_model=s.ema_model, optimizer_state=s.optimizer.state_dict(),
-            scheduler_state=s.plateau.state_dict() if s.plateau else {},
+            scheduler_state=s.lr.state_dict(),
             scaler_state=None if s.scaler is None else s.scaler.state_dict(), epoch=self.epoch,
             planned_epochs=self.recipe.train.epochs, num_updates=t.num_updates, rng=rng_state(t.order_gen, augment_states),
             recipe=recipe_as_dict(self.recipe), classes=self.classes, num_params=s.num_params,
@@ -79,14 +79,13 @@ class Run:
         s.model.load_state_dict(payload["model"])
         if s.ema is not None and payload["ema"] is not None:
             s.ema_model.load_state_dict(payload["ema"])
-        load_optimizer_state(s.optimizer, payload["optimizer"])
+        load_optimizer_state(s.optimizer, payload["optimizer"], payload["path"])
         if s.scaler is not None and payload["scaler"] is not None:
             s.scaler.load_state_dict(payload["scaler"])
         self.epoch = payload["epoch"]
         t.resume_at(payload["num_updates"])
         self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
-        if s.plateau is not None:
-            s.plateau.load_state_dict(payload["scheduler"], t.lr_table, self.epoch, s.updates_per_epoch)
+        s.lr.load_state_dict(payload["scheduler"], self.epoch)
         if not restore_rng(payload["rng"], t.order_gen, t.aug_gen, self.ranks.rank, self.ranks.world_size):
             t.order_gen.manual_seed(self.recipe.train.seed + self.epoch)
             t.aug_gen.manual_seed(t.aug_gen.initial_seed() + self.epoch)
@@ -116,8 +115,7 @@ class Run:
             val_loss, val_acc = self.evaluate(self.s.model)
             scores = (val_loss, val_acc, self.evaluate(self.s.ema_model)[1] if self.s.ema is not None else float("nan"))
         val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
-        if self.s.plateau is not None:
-            self.s.plateau.after_epoch(self.epoch, val_acc, self.s.trainer.lr_table, self.s.updates_per_epoch)
+        self.s.lr.after_epoch(self.epoch, val_acc)
         row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
                "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
                "images_per_s": result.images / max(result.seconds, 1e-9)}
@@ -160,7 +158,7 @@ class Run:
 
     def _epochs(self, on_epoch_end: Callable[["Run"], None] | None) -> None:
         while self.epoch < self.recipe.train.epochs:
-            lr = self.s.lr_at_epoch(self.epoch)
+            lr = self.s.lr.at_epoch(self.epoch)
             result = self.train_epoch()
             if not result.finite:
                 raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "

@@ -26,6 +26,21 @@ def quiet(_: str) -> None:
     pass
 
 
+# Any recipe at 1/8 width on the digits demo data, in seconds: CIFAR-100 recipes read the 10-class demo set,
+# and compile is off (it is CUDA-only, and its kernels are not what these tests check).
+TINY = ("model.args.width=0.125", "data.dataset=cifar10", "model.num_classes=10", "data.validation=test_batch",
+        "train.batch_size=16", "train.compile=none")
+
+
+def tiny_session(path: Path, demo_data: Path, device: str = "cpu", overrides: tuple[str, ...] = ()):
+    """A training session (kit.session.Session) for the recipe file at tiny size, on `device`."""
+    import torch
+    from kit.data import load_dataset
+    from kit.session import build_session
+    recipe = load_recipe(path, TINY + tuple(overrides))
+    return build_session(recipe, load_dataset(recipe.data, demo_data), torch.device(device), echo=quiet)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("demo"))
@@ -47,4 +62,4 @@ def write_recipe(tmp_path):
     return write
 
 
-__all__ = ["RECIPES", "ROOT", "quiet", "recipe_from_dict", "tiny_recipe"]
+__all__ = ["RECIPES", "ROOT", "TINY", "quiet", "recipe_from_dict", "tiny_recipe", "tiny_session"]

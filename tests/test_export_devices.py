@@ -81,12 +81,12 @@ def test_tensorboard_events_are_readable(demo_data, tmp_path):
 
 
 def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path):
-    """Stand-in for a CUDA run: a fused optimizer's flags and a CUDA (Philox) data-stream state in last.pt,
-    which is what a CUDA run saves besides tensors that torch.load(map_location='cpu') maps anyway."""
+    """Stand-in for a run saved elsewhere: other optimizer device flags and a CUDA (Philox) data-stream state in
+    last.pt (tensors torch.load(map_location='cpu') maps anyway). The resumed run steps with its own flags."""
     run_dir = train(tiny_recipe(train__epochs=1), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
     payload = torch.load(run_dir / "last.pt", weights_only=True)
     for group in payload["optimizer"]["param_groups"]:
-        group["fused"], group["foreach"] = True, None
+        group["fused"], group["foreach"], group["capturable"] = False, True, False
     cuda_state = torch.zeros(16, dtype=torch.uint8)  # CUDA's generator state: seed and offset
     payload["rng"].update(order=cuda_state, augment=[cuda_state], generator_device="cuda")
     torch.save(payload, run_dir / "last.pt")
@@ -95,7 +95,7 @@ def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path):
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2]
     assert any("data streams were saved on cuda with 1 process(es) and cannot continue on cpu" in line for line in lines)
     saved = torch.load(run_dir / "last.pt", weights_only=True)
-    assert not any(g.get("fused") for g in saved["optimizer"]["param_groups"])
+    assert all(g["fused"] and g["capturable"] and not g["foreach"] for g in saved["optimizer"]["param_groups"])
 
 
 def test_deterministic_switch_is_on_during_the_run_only(demo_data, tmp_path):

@@ -1,0 +1,135 @@
+"""The captured update on a real GPU (marker `gpu`; skipped where CUDA is absent, so CI never runs them).
+On a lent GPU: `python -m pytest -m gpu tests/gpu` (the first step of `.ci/gpu-results.sh checkup`).
+
+- replay equals eager over several updates for every CIFAR-10 recipe, from the same seed;
+- no synchronization after the warm-up (`torch.cuda.set_sync_debug_mode("error")` around the replays);
+- no capture hazard on CUDA either (the CPU test's checker, now seeing real host-to-device copies);
+- a captured run stopped after an epoch and resumed ends bit-exactly where the uninterrupted one does;
+- an Adam run moves CPU -> CUDA and CUDA -> CPU mid-run, its step counters where each device's optimizer wants them."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, quiet, tiny_recipe
+
+from kit.data import load_dataset
+from kit.engine import WARMUP_STEPS
+from kit.hazards import find_hazards
+from kit.recipe import load_recipe
+from kit.session import build_session
+from kit.train import resume, train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CIFAR10_RECIPES = ["kit_best", "kit_fast", "preact_gelu", "resnet_443", "resnet_4643", "resnet_dropout"]
+UPDATES = 6  # after the warm-up: the first replays
+TIMING = ["seconds", "images_per_s"]
+
+
+def _session(name: str, demo_data, capture: bool, compile_mode: str = "none"):
+    """The recipe at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test_batch",
+                                                               "train.batch_size=64"))
+    session = build_session(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
+    session.trainer.capture = capture and session.trainer.capture
+    return session
+
+
+def _updates(trainer, n: int) -> None:
+    trainer.forward_loss.train()
+    trainer.epoch(max_steps=n)
+
+
+@pytest.mark.parametrize("name", CIFAR10_RECIPES)
+def test_replay_equals_eager(name, demo_data):
+    captured, eager = _session(name, demo_data, capture=True), _session(name, demo_data, capture=False)
+    assert captured.trainer.capture, f"{name}: the update is not captured"
+    for session in (captured, eager):
+        _updates(session.trainer, WARMUP_STEPS + UPDATES)
+    assert captured.trainer.graph is not None
+    tol = dict(rtol=2e-2, atol=2e-3)  # bf16 autocast: the graph replays the eager kernels, cuDNN may pick others
+    for (key, a), b in zip(captured.model.state_dict().items(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name} {key}: {m}")
+    if captured.ema is not None:
+        for a, b in zip(captured.ema_model.state_dict().values(), eager.ema_model.state_dict().values()):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    torch.testing.assert_close(captured.trainer.loss_sum, eager.trainer.loss_sum, rtol=2e-2, atol=1e-2)
+    assert abs(int(captured.trainer.correct_sum) - int(eager.trainer.correct_sum)) <= 2
+    assert captured.trainer.num_updates == eager.trainer.num_updates == int(captured.trainer.update)
+
+
+@pytest.mark.parametrize("name", ["kit_fast", "kit_best"])
+def test_compiled_replay_equals_eager(name, demo_data):
+    captured, eager = _session(name, demo_data, True, "default"), _session(name, demo_data, False, "default")
+    for session in (captured, eager):
+        _updates(session.trainer, WARMUP_STEPS + 2)
+    for a, b in zip(captured.model.state_dict().values(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", CIFAR10_RECIPES)
+def test_no_sync_and_no_hazard_after_warmup(name, demo_data):
+    session = _session(name, demo_data, capture=True)
+    trainer = session.trainer
+    checked = _session(name, demo_data, capture=False).trainer
+    _updates(checked, WARMUP_STEPS)
+    hazards = find_hazards(checked.step)
+    assert not hazards, "\n".join(map(str, hazards))
+    _updates(trainer, WARMUP_STEPS + 1)  # warm-up, capture, first replay
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(UPDATES):
+            trainer._one_update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert trainer.graph is not None
+
+
+def _metrics(run) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv").drop(columns=TIMING)
+
+
+def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path):
+    recipe = tiny_recipe(train__deterministic=True)
+    whole = train(recipe, demo_data, tmp_path / "whole", "cuda", echo=quiet)
+
+    def stop_after_first(run):
+        if run.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, demo_data, tmp_path / "stopped", "cuda", on_epoch_end=stop_after_first, echo=quiet)
+    (stopped,) = (tmp_path / "stopped").iterdir()
+    resume(stopped, device="cuda", echo=quiet)
+    pd.testing.assert_frame_equal(_metrics(stopped), _metrics(whole))
+    a, b = (torch.load(r / "last.pt", weights_only=True) for r in (stopped, whole))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_an_adam_run_moves_between_devices(first, then, demo_data, tmp_path):
+    recipe = dataclasses.replace(tiny_recipe(), name="adam-moves")  # the demo recipe trains with Adam
+    assert recipe.optim.name == "adam"
+
+    def stop_after_first(run):
+        if run.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, demo_data, tmp_path, first, on_epoch_end=stop_after_first, echo=quiet)
+    (run,) = tmp_path.iterdir()
+    seen = {}
+
+    def check_optimizer(r):
+        steps = [s["step"] for s in r.s.optimizer.state.values()]
+        seen["devices"] = {s.device.type for s in steps}
+        seen["dtypes"] = {s.dtype for s in steps}
+
+    resume(run, device=then, on_epoch_end=check_optimizer, echo=quiet)
+    assert seen["devices"] == {then} and seen["dtypes"] == {torch.float32}  # fused Adam: step on the device, float32
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.epoch) == [1, 2, 3] and metrics.val_loss.notna().all()
