@@ -79,19 +79,19 @@ case "$phase" in
   checkup)
     setup > "$OUT/checkup.log" 2>&1; cat "$OUT/checkup.log"
     python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee -a "$OUT/checkup.log"
-    kit train recipes/demo.yaml --data-root "$DATA" --out "$WORK/runs/checkup" --set train.epochs=2 2>&1 | tee -a "$OUT/checkup.log"
+    kit train recipes/demo.yaml --data-root "$DATA" --runs "$WORK/runs/checkup" --set train.epochs=2 2>&1 | tee -a "$OUT/checkup.log"
     kit train --resume "$(ls -d "$WORK"/runs/checkup/demo-* | head -1)" --set train.epochs=3 2>&1 | tee -a "$OUT/checkup.log"
-    kit bench recipes/resnet_4643.yaml --batch-size 128 --steps 100 --warmup 20 "${SETS[@]}" 2>&1 | tee -a "$OUT/checkup.log"
+    kit bench recipes/resnet_4643.yaml --batch-size 128 --updates 100 --untimed 20 "${SETS[@]}" 2>&1 | tee -a "$OUT/checkup.log"
     pack checkup "$WORK"/runs/checkup
     ;;
   bench)
     setup > "$OUT/bench.log" 2>&1
-    for r in "$@"; do kit bench recipes/$r.yaml --steps 200 --warmup 20 --data-root "$DATA" "${SETS[@]}" 2>&1 | tee -a "$OUT/bench.log"; done
+    for r in "$@"; do kit bench recipes/$r.yaml --updates 200 --untimed 20 --data-root "$DATA" "${SETS[@]}" 2>&1 | tee -a "$OUT/bench.log"; done
     ;;
   train)
     setup > "$OUT/train.log" 2>&1; seconds=$1; shift
     for r in "$@"; do
-      timeout "$seconds" python3 -m kit.cli train recipes/$r.yaml --data-root "$DATA" --out "$WORK/runs" "${SETS[@]}" \
+      timeout "$seconds" python3 -m kit.cli train recipes/$r.yaml --data-root "$DATA" --runs "$WORK/runs" "${SETS[@]}" \
         > "$WORK/train_$r.log" 2>&1 &
     done
     wait; tail -n 3 "$WORK"/train_*.log | tee -a "$OUT/train.log"
@@ -100,19 +100,19 @@ case "$phase" in
   seeds)
     setup > "$OUT/seeds.log" 2>&1; seconds=$1; r=$2; n=$3
     for s in $(seq 0 $((n - 1))); do
-      timeout "$seconds" python3 -m kit.cli train recipes/$r.yaml --data-root "$DATA" --out "$WORK/runs/seeds" \
+      timeout "$seconds" python3 -m kit.cli train recipes/$r.yaml --data-root "$DATA" --runs "$WORK/runs/seeds" \
         --set train.seed=$s --set name=$r-s$s "${SETS[@]}" > "$WORK/seed_$r$s.log" 2>&1 &
     done
     wait; tail -n 2 "$WORK"/seed_$r*.log | tee -a "$OUT/seeds.log"
-    kit evaluate "$WORK"/runs/seeds/$r-s* --split test --csv "$WORK/seeds_$r.csv" 2>&1 | tee -a "$OUT/seeds.log"
+    kit evaluate "$WORK"/runs/seeds/$r-s* --held-out test --csv "$WORK/seeds_$r.csv" 2>&1 | tee -a "$OUT/seeds.log"
     pack seeds "$WORK"/seed_$r*.log "$WORK/seeds_$r.csv" "$WORK"/runs/seeds/*/metrics.csv "$WORK"/runs/seeds/*/recipe.yaml
     ;;
   distill)
     setup > "$OUT/distill.log" 2>&1; seconds=$1; student=$2
     teachers=$(for run in $(finished_runs); do echo --teacher "$run"; done)
-    timeout "$seconds" python3 -m kit.cli distill recipes/$student.yaml $teachers --data-root "$DATA" --out "$WORK/runs/distill" \
+    timeout "$seconds" python3 -m kit.cli distill recipes/$student.yaml $teachers --data-root "$DATA" --runs "$WORK/runs/distill" \
       "${SETS[@]}" > "$WORK/distill.log" 2>&1 &
-    timeout "$seconds" python3 -m kit.cli train recipes/$student.yaml --data-root "$DATA" --out "$WORK/runs/plain" \
+    timeout "$seconds" python3 -m kit.cli train recipes/$student.yaml --data-root "$DATA" --runs "$WORK/runs/plain" \
       "${SETS[@]}" > "$WORK/plain.log" 2>&1 &
     wait; tail -n 2 "$WORK"/distill.log "$WORK"/plain.log | tee -a "$OUT/distill.log"
     pack distill "$WORK"/distill.log "$WORK"/plain.log "$WORK"/runs/distill/*/metrics.csv "$WORK"/runs/plain/*/metrics.csv
@@ -132,7 +132,7 @@ case "$phase" in
       kit predict "$run" --test "$TEST" --out "$SUBS/$name.csv" >> "$OUT/finish.log" 2>&1
       kit predict "$run" --test "$SHIFT" --out "$SUBS/shift/$name.csv" >> "$OUT/finish.log" 2>&1
     done
-    kit evaluate $runs --split test --select --select-on 0.5 --select-out "$WORK/selection.json" --csv "$WORK/evaluate.csv" \
+    kit evaluate $runs --held-out test --select --select-on 0.5 --select-out "$WORK/selection.json" --csv "$WORK/evaluate.csv" \
       2>&1 | tee -a "$OUT/finish.log"
     kit predict $runs --test "$TEST" --blend "$WORK/selection.json" --out "$SUBS/ensemble.csv" >> "$OUT/finish.log" 2>&1
     kit predict $runs --test "$SHIFT" --blend "$WORK/selection.json" --out "$SUBS/shift/ensemble.csv" >> "$OUT/finish.log" 2>&1

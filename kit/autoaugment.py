@@ -1,7 +1,7 @@
 """TrivialAugment-Wide (Müller & Hutter, 2021) and RandAugment (Cubuk et al., 2020) where every image draws
 its own op and magnitude, on whole batches on the device. torchvision and kornia draw one op per call;
 here the draw is per sample. The geometric ops (shear, translate, rotate) are one per-sample affine warp,
-the colour ops per-sample broadcasts selected by masks, so shapes never depend on the draw (the step stays
+the colour ops per-sample broadcasts selected by masks, so shapes never depend on the draw (the update stays
 capturable). Semantics, magnitude tables and the nearest-neighbour warp follow torchvision.transforms.v2
 on float images in [0, 1]; tests compare each op with torchvision's functional op."""
 

@@ -1,6 +1,6 @@
 """`kit bench`: training throughput of the kit engine against a seed-style loop (torchvision
 transforms + DataLoader(num_workers=2), fp32, as the papers trained), same model and batch size,
-same process. Prints both figures and their ratio, the eager step's breakdown (augmentation,
+same process. Prints both figures and their ratio, the eager update's breakdown (augmentation,
 forward + backward, optimizer + EMA) and the model's floor (FLOPs and activation bytes per image)."""
 
 import dataclasses
@@ -13,13 +13,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from kit.data import Dataset as KitDataset
-from kit.data import Split, load_dataset
+from kit.data import Labelled, load_dataset
 from kit.device import resolve_device, training_precision
-from kit.engine import Trainer
+from kit.engine import Trainer, build_trainer, seed_everything
 from kit.models import build_model
 from kit.optim import build_optimizer
 from kit.recipe import AugmentSpec, Recipe
-from kit.session import build_session, seed_everything
 
 # Dense bf16 matrix throughput and memory bandwidth the issue's floor uses, by device name
 PEAKS = {"H100": (800e12, 3.0e12), "H200": (790e12, 4.8e12)}
@@ -30,7 +29,7 @@ SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training-set size
 class _Images(Dataset):
     """uint8 (3, 32, 32) tensors through per-sample torchvision transforms, as a seed notebook does."""
 
-    def __init__(self, split: Split, transform):
+    def __init__(self, split: Labelled, transform):
         self.images, self.labels, self.transform = split.images, split.labels, transform
 
     def __len__(self) -> int:
@@ -42,17 +41,17 @@ class _Images(Dataset):
 
 def baseline_transform(spec: AugmentSpec, mean, std) -> v2.Compose:
     """The recipe's augmentation written the usual per-sample way."""
-    steps = []
+    transforms = []
     if spec.crop_padding:
-        steps.append(v2.RandomCrop(32, padding=spec.crop_padding))
+        transforms.append(v2.RandomCrop(32, padding=spec.crop_padding))
     if spec.flip:
-        steps.append(v2.RandomHorizontalFlip())
+        transforms.append(v2.RandomHorizontalFlip())
     if spec.rotation_degrees:
-        steps.append(v2.RandomRotation(spec.rotation_degrees))
+        transforms.append(v2.RandomRotation(spec.rotation_degrees))
     if spec.color_jitter:
         s = spec.color_jitter
-        steps.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+        transforms.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
+    return v2.Compose(transforms + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 def _timed(fn: Callable[[], int], device: torch.device) -> float:
@@ -74,26 +73,26 @@ def _run_updates(trainer: Trainer, n: int) -> int:
     """n updates (over as many epochs as needed); returns the images trained on."""
     done = 0
     while done < n:
-        done += trainer.epoch(max_steps=n - done).images // trainer.batch_size
+        done += trainer.epoch(max_updates=n - done).images // trainer.batch_size
     return done * trainer.batch_size
 
 
-def bench_kit(recipe: Recipe, data: KitDataset, device: torch.device, steps: int, warmup: int) -> float:
+def bench_kit(recipe: Recipe, data: KitDataset, device: torch.device, updates: int, untimed: int) -> float:
     """The kit engine: data resident on the device, batch augmentation, the recipe's precision, compile and capture."""
-    trainer = build_session(recipe, data, device, recipe.name, echo=_silent).trainer
-    _run_updates(trainer, warmup)  # compilation and CUDA-graph capture happen here
-    return _timed(lambda: _run_updates(trainer, steps), device)
+    trainer = build_trainer(recipe, data, device, recipe.name, echo=_silent)
+    _run_updates(trainer, untimed)  # compilation and CUDA-graph capture happen here
+    return _timed(lambda: _run_updates(trainer, updates), device)
 
 
-def step_breakdown(recipe: Recipe, data: KitDataset, device: torch.device, steps: int) -> dict[str, float]:
-    """Milliseconds per update of each phase of the eager step (CUDA events on CUDA, the clock on the CPU)."""
+def update_breakdown(recipe: Recipe, data: KitDataset, device: torch.device, updates: int) -> dict[str, float]:
+    """Milliseconds per update of each phase of the eager update (CUDA events on CUDA, the clock on the CPU)."""
     eager = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, cuda_graph=False))
-    t = build_session(eager, data, device, recipe.name, echo=_silent).trainer
+    t = build_trainer(eager, data, device, recipe.name, echo=_silent)
     _run_updates(t, 2)
     clock = _EventClock(device)
     totals = {"augmentation": 0.0, "forward + backward": 0.0, "optimizer + EMA": 0.0}
     t.forward_loss.train()
-    for _ in range(steps):
+    for _ in range(updates):
         t.offset.zero_()
         t.optimizer.zero_grad(set_to_none=True)
         marks = [clock.mark()]
@@ -101,10 +100,10 @@ def step_breakdown(recipe: Recipe, data: KitDataset, device: torch.device, steps
         marks.append(clock.mark())
         t.forward_backward(inputs, targets, labels)
         marks.append(clock.mark())
-        t.apply_update()
+        t.apply_gradients()
         marks.append(clock.mark())
         for name, ms in zip(totals, clock.elapsed_ms(marks)):
-            totals[name] += ms / steps
+            totals[name] += ms / updates
     return totals
 
 
@@ -154,7 +153,7 @@ def model_floor(recipe: Recipe, device: torch.device) -> dict:
     return {"flops_per_image": flops, "activation_bytes_per_image": per_image_bytes, "floor_images_per_s": floor}
 
 
-def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, steps: int, warmup: int) -> float:
+def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, updates: int, untimed: int) -> float:
     """The seed-style loop: per-sample CPU transforms in 2 workers, fp32, contiguous NCHW."""
     seed_everything(recipe.train.seed)
     model = build_model(recipe, recipe.name, check_budget=False).to(device)
@@ -181,8 +180,8 @@ def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, steps
             optimizer.step()
         return n * recipe.train.batch_size
 
-    run(warmup)
-    return _timed(lambda: run(steps), device)
+    run(untimed)
+    return _timed(lambda: run(updates), device)
 
 
 def synthetic_data(n: int, num_classes: int) -> KitDataset:
@@ -190,32 +189,32 @@ def synthetic_data(n: int, num_classes: int) -> KitDataset:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
-    split = Split(images, labels)
+    split = Labelled(images, labels)
     return KitDataset(split, split, [str(i) for i in range(num_classes)], (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
-def bench(recipe: Recipe, steps: int = 50, batch_size: int | None = None, data_root: str | None = None,
-          device: str = "auto", warmup: int = 10, echo: Callable[[str], None] = print) -> dict:
-    """Measure both loops, the eager step's phases and the model's floor; returns every figure printed
+def bench(recipe: Recipe, updates: int = 50, batch_size: int | None = None, data_root: str | None = None,
+          device: str = "auto", untimed: int = 10, echo: Callable[[str], None] = print) -> dict:
+    """Measure both loops, the eager update's phases and the model's floor; returns every figure printed
     ({'kit', 'baseline', 'ratio', 'breakdown_ms', 'flops_per_image', 'activation_bytes_per_image', 'floor_images_per_s'})."""
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=batch_size))
     dev = resolve_device(device)
     data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, recipe.model.num_classes)
     bs, t = recipe.train.batch_size, recipe.train
-    echo(f"bench {recipe.name}: batch {bs}, {steps} timed steps after {warmup} warm-up, {dev}"
+    echo(f"bench {recipe.name}: batch {bs}, {updates} timed updates after {untimed} untimed, {dev}"
          f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}, torch {torch.__version__}"
          f"{'' if data_root else ', synthetic images'}")
-    kit_rate = bench_kit(recipe, data, dev, steps, warmup)
+    kit_rate = bench_kit(recipe, data, dev, updates, untimed)
     capture = t.cuda_graph and dev.type == "cuda"
     echo(f"kit engine  ({t.precision if dev.type == 'cuda' else 'fp32'}, channels_last {t.channels_last and dev.type == 'cuda'}, "
          f"compile {t.compile if dev.type == 'cuda' else 'none'}, cuda_graph {capture}): {kit_rate:,.0f} images/s")
-    base_rate = bench_baseline(recipe, data, dev, steps, warmup)
+    base_rate = bench_baseline(recipe, data, dev, updates, untimed)
     echo(f"baseline    (torchvision transforms + DataLoader(num_workers=2), fp32): {base_rate:,.0f} images/s")
     ratio = kit_rate / base_rate
     echo(f"ratio: {ratio:.2f}x")
-    breakdown = step_breakdown(recipe, data, dev, max(3, min(steps, 20)))
-    echo("eager step: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in breakdown.items())
+    breakdown = update_breakdown(recipe, data, dev, max(3, min(updates, 20)))
+    echo("eager update: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in breakdown.items())
          + f" (sum {sum(breakdown.values()):.2f} ms = {bs / max(sum(breakdown.values()), 1e-9) * 1000:,.0f} images/s)")
     floor = model_floor(recipe, dev)
     line = (f"model: {floor['flops_per_image'] / 1e9:.2f} GFLOP and {floor['activation_bytes_per_image'] / 1e6:.1f} MB of "

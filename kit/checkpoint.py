@@ -3,8 +3,9 @@
 how one becomes a `Checkpoint`: a model rebuilt from its recipe, ready for batched inference.
 
 Vocabulary: what predict, evaluate and report take is a *checkpoint*: a `.pt` or `.safetensors` file, or
-a run directory standing for its `best.pt`. `weights_from` is the raw/EMA choice everywhere (`best`: the
-one that scored higher on validation at the best epoch)."""
+a run directory standing for its `best.pt`. `best.pt` is the epoch whose better weights scored highest.
+`weights_from` is the raw/EMA choice everywhere; `best` picks whichever of the two scored higher on validation
+at the epoch the checkpoint holds (so on `last.pt`, the last epoch's better weights)."""
 
 import json
 import random
@@ -21,23 +22,18 @@ from kit.errors import KitError
 from kit.io import atomic_path
 from kit.recipe import Recipe, recipe_from_dict
 
-WEIGHTS_FROM = ("best", "ema", "raw")
 SAFETENSORS_FORMAT = "kit-weights-1"  # metadata["format"] of an exported .safetensors file
 
 
-def training_payload(*, model: nn.Module, ema_model: nn.Module | None, optimizer_state: dict, scheduler_state: dict,
-                     scaler_state: dict | None, epoch: int, planned_epochs: int, num_updates: int, rng: dict,
-                     recipe: dict, classes: list[str], num_params: int, mean: list[float], std: list[float],
-                     best_acc: float, best_epoch: int, best_weights_from: str, world_size: int = 1) -> dict:
-    """Everything `kit train --resume` needs and everything predict/evaluate/report read."""
-    return {
-        "model": model.state_dict(), "ema": None if ema_model is None else ema_model.state_dict(),
-        "optimizer": optimizer_state, "scheduler": scheduler_state, "scaler": scaler_state,
-        "epoch": epoch, "planned_epochs": planned_epochs, "num_updates": num_updates, "rng": rng,
-        "recipe": recipe, "classes": classes, "num_params": num_params, "mean": mean, "std": std,
-        "best_acc": best_acc, "best_epoch": best_epoch, "best_weights_from": best_weights_from,
-        "world_size": world_size,
-    }
+def better_weights(val_acc, ema_acc):
+    """The better of the raw and the EMA weights' validation accuracy, and which it was: (score, "raw" | "ema").
+    Raw wins ties and a missing EMA (NaN). Works on numbers and on metrics.csv columns alike (then both are
+    arrays). The one definition of "the better of raw and EMA" that checkpoints, sweeps and plots use."""
+    score = np.fmax(val_acc, ema_acc)
+    source = np.where(np.asarray(ema_acc, dtype=float) > np.asarray(val_acc, dtype=float), "ema", "raw")
+    if np.ndim(source) == 0:
+        return float(score), str(source)
+    return score, source
 
 
 def rng_state(order_gen: torch.Generator, augment_states: list[torch.Tensor]) -> dict:
@@ -176,7 +172,8 @@ def _choose_weights(payload: dict, weights_from: str) -> tuple[str, dict]:
         if weights_from not in ("best", stored):
             raise KitError(f"{source}: holds only the {stored} weights (exported with --weights-from {stored})")
         return stored, payload["model"]
-    chosen = payload["best_weights_from"] if weights_from == "best" else weights_from
+    # this checkpoint's own epoch's better weights (checkpoints before 0.3 hold only the best epoch's choice)
+    chosen = payload.get("weights_from", payload["best_weights_from"]) if weights_from == "best" else weights_from
     if chosen == "ema" and payload.get("ema") is None:
         if weights_from == "ema":
             raise KitError(f"{source}: has no EMA weights (its recipe has train.ema_decay: null); use --weights-from raw")

@@ -8,13 +8,20 @@ import click
 
 from kit import __version__
 from kit.errors import KitError
+from kit.recipe import TTA_MODES, WEIGHTS_FROM
+
+HELD_OUT = ("val", "test")  # kit.data.HELD_OUT, without importing torch to parse arguments
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
 
 
 class KitGroup(click.Group):
     """Turns KitError and OS errors (an unwritable output path, a full disk) into `error: ...` on stderr,
-    exit 2, no traceback."""
+    exit 2, no traceback. Keeps the command's own arguments (`ctx.meta["argv"]`) for `kit train --gpus N`."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -39,7 +46,7 @@ def cli():
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a recipe field, e.g. --set optim.lr=0.05 (repeatable).")
-tta_option = click.option("--tta", type=click.Choice(["none", "flip", "shift", "flip-shift"]),
+tta_option = click.option("--tta", type=click.Choice(TTA_MODES),
                           help="Test-time augmentation views (default: the first run's recipe, predict.tta).")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
@@ -72,7 +79,7 @@ def params_cmd(recipe, overrides):
 @set_option
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue this run from its last.pt.")
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
-@click.option("--out", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
+@click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
@@ -85,17 +92,26 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, dev
     from kit.train import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
-    if gpus > 1 and "LOCAL_RANK" not in os.environ:
-        args = [recipe] if recipe else ["--resume", resume_dir]
-        for flag, value in (("--data-root", data_root), ("--out", out_root), ("--log", log), ("--device", device)):
-            args += [flag, value] if value else []
-        args += [a for o in overrides for a in ("--set", o)]
-        sys.exit(distributed.launch(gpus, args))
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:  # this very command again, one process per GPU, under torchrun
+        sys.exit(distributed.launch(gpus, _without_gpus(click.get_current_context())))
     overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
     if resume_dir:
         _run_and_print(lambda: resume(resume_dir, overrides=overrides, data_root=data_root, device=device))
     else:
         _run_and_print(lambda: train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device))
+
+
+def _without_gpus(ctx: click.Context) -> list[str]:
+    """This command's own arguments (`train ...`) without --gpus N, to run again under torchrun."""
+    args, skip = [], False
+    for arg in ctx.meta["argv"]:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            args.append(arg)
+    return args
 
 
 def _run_and_print(start) -> None:
@@ -117,11 +133,12 @@ def _run_and_print(start) -> None:
               help="A teacher: run directory or checkpoint file (repeatable; their softmax is averaged).")
 @set_option
 @click.option("--data-root", metavar="DIR")
-@click.option("--out", "out_root", default="runs", show_default=True)
+@click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
 @device_option
 def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
     """Train the student RECIPE on the teachers' averaged soft targets (recipe section distill:, short form)."""
     import yaml
+
     from kit.recipe import load_recipe
     from kit.train import train
     listed = yaml.safe_dump([str(t) for t in teachers], default_flow_style=True).strip()
@@ -136,7 +153,7 @@ def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
 @click.option("--space", metavar="YAML", help="Ranges and choices for Optuna's TPE: KEY: {low, high, log} or {choices: [...]}.")
 @click.option("--trials", type=int, help="Trials for --space.")
 @click.option("--name", help="The sweep folder's name (default: the recipe's).")
-@click.option("--out", "out_root", default="sweeps", show_default=True, help="Sweep folders go here.")
+@click.option("--sweeps", "out_root", default="sweeps", show_default=True, help="Sweep folders go here.")
 @click.option("--study", "study_name", help="Optuna study name (default: the sweep's name).")
 @click.option("--storage", metavar="URL", help="Database URL or journal file shared by workers (default: SQLite in the sweep folder).")
 @click.option("--jobs", default=1, show_default=True, help="Trials trained at once by this command.")
@@ -149,6 +166,7 @@ def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name
     """Train RECIPE's variants as Optuna trials; write sweeps/<name>/results.csv, results.md and curves.png.
     The same command continues an interrupted sweep."""
     import optuna
+
     from kit.sweep import sweep
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep(recipe, overrides=tuple(overrides), grid=tuple(grid), space=space, trials=trials, name=name, out_root=out_root,
@@ -181,22 +199,24 @@ def data_download_cmd(dataset, out_dir):
 @cli.command("bench")
 @click.argument("recipe")
 @set_option
-@click.option("--steps", default=50, show_default=True, help="Timed training steps per loop.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed steps first (compilation, graph capture).")
+@click.option("--updates", default=50, show_default=True, help="Timed updates per loop.")
+@click.option("--untimed", default=10, show_default=True, help="Untimed updates first (compilation, graph capture).")
 @click.option("--batch-size", type=int, help="Measure both loops at this batch size instead of the recipe's.")
 @click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
 @device_option
-def bench_cmd(recipe, overrides, steps, warmup, batch_size, data_root, device):
-    """Training images/s of the kit engine vs a seed-style DataLoader loop and their ratio, the eager step's
+def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, device):
+    """Training images/s of the kit engine vs a seed-style DataLoader loop and their ratio, the eager update's
     breakdown (augmentation, forward + backward, optimizer + EMA) and the model's floor (FLOPs, activation bytes)."""
     from kit.bench import bench
     from kit.recipe import load_recipe
-    bench(load_recipe(recipe, tuple(overrides)), steps=steps, batch_size=batch_size, data_root=data_root, device=device,
-          warmup=warmup)
+    bench(load_recipe(recipe, tuple(overrides)), updates=updates, batch_size=batch_size, data_root=data_root, device=device,
+          untimed=untimed)
 
 
-weights_from_option = click.option("--weights-from", type=click.Choice(["best", "ema", "raw"]), default="best",
-                                   show_default=True, help="Which weights of each checkpoint: the better-scoring, EMA or raw.")
+weights_from_option = click.option("--weights-from", type=click.Choice(WEIGHTS_FROM), default="best", show_default=True,
+                                   help="Which weights of each checkpoint: the better of raw and EMA at its epoch, EMA or raw.")
+held_out_option = click.option("--held-out", type=click.Choice(HELD_OUT), default="val", show_default=True,
+                               help="The labelled images scored: val, each run's validation set; test, the labelled test set.")
 checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
 
 
@@ -220,8 +240,7 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @cli.command("evaluate")
 @checkpoints_argument
 @click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
-              help="val: the runs' validation set; test: the labelled test_batch.")
+@held_out_option
 @tta_option
 @click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
 @click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
@@ -232,11 +251,11 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @weights_from_option
 @click.option("--batch-size", default=1000, show_default=True)
 @device_option
-def evaluate_cmd(checkpoints, data_root, split, tta, select, rounds, select_on, select_out, csv_out, weights_from, batch_size,
-                 device):
+def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_on, select_out, csv_out, weights_from,
+                 batch_size, device):
     """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
     from kit.evaluate import evaluate
-    evaluate(list(checkpoints), data_root=data_root, split=split, tta=tta, select=select, rounds=rounds,
+    evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
              weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
              select_on=select_on)
 
@@ -266,19 +285,19 @@ def check_submission_cmd(csv_path, test_path, num_classes):
 @cli.command("report")
 @checkpoints_argument
 @click.option("--data-root", metavar="DIR", help="Default: each run's recorded data root.")
-@click.option("--out", metavar="DIR", help="Write OUT/<run>/ (default: RUN/report/).")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--report-dir", metavar="DIR", help="Write DIR/<run>/ (default: RUN/report/).")
+@held_out_option
 @tta_option
 @device_option
-def report_cmd(checkpoints, data_root, out, split, tta, device):
+def report_cmd(checkpoints, data_root, report_dir, held_out, tta, device):
     """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per checkpoint."""
     from kit.report import report
-    report(list(checkpoints), data_root=data_root, out=out, split=split, tta=tta, device=device)
+    report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device)
 
 
 @cli.command("demo")
 @click.option("--workdir", default="runs/demo", show_default=True, help="Demo data and runs go here.")
-@click.option("--out", "submission", default="submissions/demo.csv", show_default=True)
+@click.option("--out", "submission", default="submissions/demo.csv", show_default=True, help="The submission CSV.")
 @device_option
 def demo_cmd(workdir, submission, device):
     """The main job on the embedded digits data: data, 2 training runs, ensemble + TTA CSV, report, accuracy."""

@@ -23,18 +23,22 @@ LAYOUT_HINT = "run `kit data demo DIR` for demo data, `kit data download cifar10
 
 
 @dataclass(frozen=True)
-class Split:
+class Labelled:
+    """Images with their labels (a training set, a validation set, a test set)."""
     images: torch.Tensor  # (N, 3, 32, 32) uint8
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Labelled":
+        return Labelled(self.images.to(device), self.labels.to(device))
+
 
 @dataclass(frozen=True)
 class Dataset:
-    train: Split
-    val: Split
+    train: Labelled
+    held_out: Labelled  # what load_dataset was asked to score on: the recipe's validation images, or the test set
     classes: list[str]
     mean: tuple[float, float, float]  # per channel, of the training images scaled to [0, 1]
     std: tuple[float, float, float]
@@ -54,7 +58,7 @@ def read_pickle(path: Path, what: str) -> dict:
     return obj
 
 
-def _batch(path: Path, label_key: bytes, what: str) -> Split:
+def _batch(path: Path, label_key: bytes, what: str) -> Labelled:
     obj = read_pickle(path, what)
     for key in (b"data", label_key):
         if key not in obj:
@@ -65,14 +69,14 @@ def _batch(path: Path, label_key: bytes, what: str) -> Split:
     labels = np.asarray(obj[label_key], dtype=np.int64)
     if len(labels) != len(data):
         raise KitError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+    return Labelled(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
 
 
-def _concat(splits: list[Split]) -> Split:
-    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
+def _concat(splits: list[Labelled]) -> Labelled:
+    return Labelled(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
 
 
-def read_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
+def read_cifar10(root: Path) -> tuple[Labelled, Labelled, list[str]]:
     """(train, test_batch, class names) from root/cifar-10-batches-py."""
     base = root / CIFAR10_DIR
     what = f"the CIFAR-10 python layout ({CIFAR10_DIR}/data_batch_1..5, test_batch, batches.meta); {LAYOUT_HINT}"
@@ -83,7 +87,7 @@ def read_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
     return train, test, classes
 
 
-def read_cifar100(root: Path) -> tuple[Split, Split, list[str]]:
+def read_cifar100(root: Path) -> tuple[Labelled, Labelled, list[str]]:
     """(train, test, fine class names) from root/cifar-100-python."""
     base = root / CIFAR100_DIR
     what = f"the CIFAR-100 python layout ({CIFAR100_DIR}/train, test, meta); {LAYOUT_HINT.replace('cifar10', 'cifar100')}"
@@ -94,13 +98,13 @@ def read_cifar100(root: Path) -> tuple[Split, Split, list[str]]:
     return train, test, classes
 
 
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def stratified_split(split: Labelled, fraction: float, seed: int) -> tuple[Labelled, Labelled]:
     """Hold out `fraction` of each class (scikit-learn's stratified split) as validation."""
     from sklearn.model_selection import train_test_split
     index = np.arange(len(split))
     keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=split.labels.numpy())
     keep, held = torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
-    return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])
+    return Labelled(split.images[keep], split.labels[keep]), Labelled(split.images[held], split.labels[held])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -109,8 +113,11 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-def load_dataset(spec: DataSpec, root: str | Path | None = None, split: str = "val") -> Dataset:
-    """Training set and the evaluation split: `val` (the recipe's validation) or `test` (the test_batch)."""
+HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the test set (test_batch)
+
+
+def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str = "val") -> Dataset:
+    """The training set and the held-out images to score on: `val` (the recipe's validation) or `test`."""
     root = Path(root or spec.root)
     if not root.is_dir():
         raise KitError(f"{root}: data root not found; {LAYOUT_HINT}")
@@ -120,12 +127,12 @@ def load_dataset(spec: DataSpec, root: str | Path | None = None, split: str = "v
         train, val = stratified_split(train, spec.val_fraction, spec.split_seed)
     else:
         val = test
-    held_out = test if split == "test" else val
-    num_classes = int(max(train.labels.max(), held_out.labels.max())) + 1
+    scored = test if held_out == "test" else val
+    num_classes = int(max(train.labels.max(), scored.labels.max())) + 1
     if len(classes) < num_classes:
         classes = [str(i) for i in range(num_classes)]
     mean, std = channel_stats(train.images)
-    return Dataset(train, held_out, classes, mean, std)
+    return Dataset(train, scored, classes, mean, std)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def captures(device: torch.device) -> bool:
 
 @contextmanager
 def side_stream(device: torch.device) -> Iterator[None]:
-    """The eager updates before capture run on a side stream (torch's CUDA-graph warm-up rule); nothing on the CPU."""
+    """The eager updates before capture run on a side stream (torch's rule for what precedes a capture); nothing on the CPU."""
     if device.type != "cuda":
         yield
         return

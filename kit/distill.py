@@ -1,5 +1,5 @@
 """Knowledge distillation (Hinton et al., 2015): an ensemble of teacher checkpoints, in eval mode, sees the
-student's augmented batch inside the student's step (so inside its CUDA graph), each teacher through its own
+student's augmented batch inside the student's update (so inside its CUDA graph), each teacher through its own
 checkpoint's normalization; their averaged softmax at temperature T is the soft target. The loss is
 (1 - alpha) * label loss + alpha * T^2 * KL(teachers || student at T). Mixup/CutMix need nothing more:
 the teachers see the mixed images the student sees, so their targets are mixed the same way."""

@@ -92,8 +92,8 @@ def parameters_agree(model: nn.Module, ranks: Ranks) -> bool:
     return bool(torch.equal(high, low))
 
 
-def launch(processes: int, train_args: list[str]) -> int:
-    """`kit train ... --gpus N`: run the same command under torchrun, N processes on this machine."""
+def launch(processes: int, args: list[str]) -> int:
+    """`kit train ... --gpus N`: the same command (`args`, from `train` on) under torchrun, N processes on this machine."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "kit.cli", "train", *train_args]
+               "-m", "kit.cli", *args]
     return subprocess.run(command).returncode

@@ -1,7 +1,7 @@
 """timm's ModelEmaV3 with its per-update host work cut to two multi-tensor launches.
 
 ModelEmaV3.apply_update_ rebuilds both state_dicts and launches one copy per integer buffer on every
-update; with ~50 BatchNorm layers that host work, not the GPU, bounds a small-batch step. The tensor
+update; with ~50 BatchNorm layers that host work, not the GPU, bounds a small-batch update. The tensor
 lists never change (loading a checkpoint copies into the same tensors), so they are built once.
 """
 

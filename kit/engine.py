@@ -1,6 +1,7 @@
-"""The training step and batched inference. Knows nothing about recipe files, runs or the CLI.
+"""The training update, the Trainer that owns everything it touches (built by `build_trainer`), and batched
+inference. Knows nothing about run directories or the CLI.
 
-One update, in order, in `Trainer.step`: zero_grad -> batch of this epoch's permutation -> augment ->
+One update, in order, in `Trainer.update`: zero_grad -> batch of this epoch's permutation -> augment ->
 forward + loss -> backward -> clip -> optimizer step at this update's LR -> EMA -> device-side sums.
 It holds no host work: batch indices come from a device permutation and a device offset, the LR from a
 device table indexed by a device counter (fused optimizers on every device), random draws from one generator.
@@ -10,22 +11,27 @@ capture that fails falls back to the same update run eagerly, from the same stat
 """
 
 import copy
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kit.augment import BatchAugment, normalize, to_float
-from kit.data import Split
-from kit.device import Precision, side_stream, synchronize
-from kit.optim import clip_gradients, load_optimizer_state
-from kit.recipe import OptimSpec
-from kit.schedule import LearningRate
+from kit.checkpoint import restore_rng, rng_state
+from kit.data import Dataset, Labelled
+from kit.device import Precision, captures, compiles, side_stream, synchronize, training_precision
+from kit.ema import CachedModelEma
+from kit.optim import build_optimizer, clip_gradients, load_optimizer_state, make_capturable
+from kit.recipe import OptimSpec, Recipe
+from kit.schedule import LearningRate, Plateau, lr_table
 
-WARMUP_STEPS = 3  # eager updates on a side stream before capture (cuDNN autotuning, optimizer state allocation)
+EAGER_UPDATES_BEFORE_CAPTURE = 3  # on a side stream (cuDNN autotuning, optimizer state allocation)
+AUGMENT_SEED_STRIDE = 10_000  # rank r draws augmentation from seed + stride * (r + 1): apart from the order stream
 
 
 class ForwardLoss(nn.Module):
@@ -50,6 +56,9 @@ class EpochResult:
     finite: bool
 
 
+POSITION = ("order", "offset", "parity", "loss_sum", "correct_sum")  # where the epoch in progress stands
+
+
 @dataclass
 class Trainer:
     """Everything one update touches, placed on the device once."""
@@ -57,19 +66,19 @@ class Trainer:
     forward_loss: nn.Module  # ForwardLoss over `model` (or its DDP wrapper), compiled or not
     optimizer: torch.optim.Optimizer
     augment: BatchAugment
-    data: Split  # training images (uint8) and labels, on the device
+    data: Labelled  # training images (uint8) and labels, on the device
     lr: LearningRate  # writes update t's LR into the optimizer (from the device, for fused optimizers)
     clip: OptimSpec
     prec: Precision
     order_gen: torch.Generator  # the epoch's permutation: the same on every rank
     aug_gen: torch.Generator  # augmentation draws: one stream per rank
     batch_size: int  # global: every rank takes its slice of each batch
-    ema: object | None = None
+    ema: CachedModelEma | None = None
     scaler: torch.amp.GradScaler | None = None
     rank: int = 0
     world_size: int = 1
-    capture: bool = False  # capture the update as a CUDA graph (decided by the session: `graph_blocker`, `captures`)
-    num_updates: int = 0  # host count of updates done (the device keeps its own in `update`)
+    capture: bool = False  # record the update as a CUDA graph (decided by `build_trainer`: `graph_blocker`, `captures`)
+    num_updates: int = 0  # host count of updates done (the device keeps its own in `device_updates`)
     echo: Callable[[str], None] = print
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
 
@@ -78,33 +87,41 @@ class Trainer:
         self.local_batch = self.batch_size // self.world_size
         self.order = torch.arange(len(self.data), device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)  # where this rank's next slice starts
-        self.update = torch.full((), self.num_updates, dtype=torch.long, device=device)
+        self.device_updates = torch.full((), self.num_updates, dtype=torch.long, device=device)
         self.parity = torch.zeros((), dtype=torch.long, device=device)  # the epoch's parity, for alternating flips
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
         self._lane = torch.arange(self.local_batch, device=device)
-        self._eager_updates = 0  # since this Trainer was built: a resumed run warms up before capture too
+        self._eager_updates = 0  # since this Trainer was built: a resumed run also runs eager updates before capture
 
     @property
     def updates_per_epoch(self) -> int:
         return len(self.data) // self.batch_size  # the last partial batch is dropped
 
+    @property
+    def ema_model(self) -> nn.Module | None:
+        return None if self.ema is None else self.ema.module
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def resume_at(self, num_updates: int) -> None:
         """Set both update counters (host and device) for a resumed run."""
         self.num_updates = num_updates
-        self.update.fill_(num_updates)
+        self.device_updates.fill_(num_updates)
 
-    def step(self) -> None:
+    def update(self) -> None:
         """One update, in order. No host read, no host tensor, no data-dependent shape: capturable as it stands
         (tests/test_capture.py checks it for every recipe on the CPU)."""
         self.optimizer.zero_grad(set_to_none=False)  # before capture the gradients are None, then allocated in the graph
         inputs, targets, labels = self.augmented_batch()
         loss, correct = self.forward_backward(inputs, targets, labels)
-        self.apply_update()
+        self.apply_gradients()
         self.loss_sum += loss.detach().float()
         self.correct_sum += correct
         self.offset += self.batch_size  # the next batch of the permutation
-        self.update += 1
+        self.device_updates += 1
 
     def augmented_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's slice of the next batch of the epoch's permutation, augmented: (inputs, targets, labels)."""
@@ -123,10 +140,10 @@ class Trainer:
             loss.backward()
         return loss, correct
 
-    def apply_update(self) -> None:
+    def apply_gradients(self) -> None:
         """Clip, optimizer step at this update's LR, EMA."""
         clip_gradients(self.model, self.clip)
-        self.lr.write(self.update, self.num_updates)
+        self.lr.write(self.device_updates, self.num_updates)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -135,53 +152,55 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def epoch(self, max_steps: int | None = None, progress: Callable | None = None) -> EpochResult:
+    def epoch(self, max_updates: int | None = None, progress: Callable | None = None) -> EpochResult:
         """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
         statistics stay on the device until the end."""
         self.forward_loss.train()
-        steps = self.updates_per_epoch if max_steps is None else min(self.updates_per_epoch, max_steps)
+        updates = self.updates_per_epoch if max_updates is None else min(self.updates_per_epoch, max_updates)
         torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
         self.offset.fill_(self.rank * self.local_batch)
         self.parity.fill_(self.num_updates // max(self.updates_per_epoch, 1) % 2)
         self.loss_sum.zero_()
         self.correct_sum.zero_()
         start = time.perf_counter()
-        for _ in range(steps):
-            self._one_update()
+        for _ in range(updates):
+            self.run_update()
             if progress is not None:
                 progress(self.local_batch, self.loss_sum)
-        loss_sum, correct, seen = self._totals(steps)
-        loss_value = loss_sum.item() / max(steps, 1)  # every batch has the same size: mean of batch means
+        loss_sum, correct, seen = self._totals(updates)
+        loss_value = loss_sum.item() / max(updates, 1)  # every batch has the same size: mean of batch means
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start,
                            finite=bool(torch.isfinite(loss_sum).item()))
 
-    def _one_update(self) -> None:
+    def run_update(self) -> None:
+        """The next update: replayed from the graph, or recorded first, or eager (before capture, or without it)."""
         if self.graph is not None:
             self.graph.replay()
-        elif self.capture and self._eager_updates >= WARMUP_STEPS:
+        elif self.capture and self._eager_updates >= EAGER_UPDATES_BEFORE_CAPTURE:
             self._capture_or_go_eager()
         elif self.capture:
             with side_stream(self.prec.device):
-                self.step()
+                self.update()
             self._eager_updates += 1
         else:
-            self.step()
+            self.update()
         self.num_updates += 1
 
     def _capture_or_go_eager(self) -> None:
         """Capture the update and run it (its first replay); if either raises, put back the state from before
         the attempt and go on eagerly: the same update count, random streams and weights, nothing lost."""
         saved = copy.deepcopy(self.state_dict())
+        epoch = self.num_updates // max(self.updates_per_epoch, 1)
         try:
             self.graph = self.record_graph()
             self.graph.replay()
         except Exception as err:  # torch raises RuntimeError, AssertionError, ... from inside a capture
             self.graph, self.capture = None, False
-            self.load_state_dict(saved)
+            self.load_state_dict(saved, epoch)
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             self.echo(f"note: the update could not be captured as a CUDA graph ({reason}); "
                       f"training goes on eagerly from update {self.num_updates}")
-            self.step()
+            self.update()
 
     def record_graph(self) -> torch.cuda.CUDAGraph:
         """Record one update as a CUDA graph (its kernels do not run now: the first replay runs them)."""
@@ -189,33 +208,38 @@ class Trainer:
         graph.register_generator_state(self.aug_gen)  # each replay advances the augmentation stream
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
         with torch.cuda.graph(graph):
-            self.step()
+            self.update()
         return graph
 
-    def state_dict(self) -> dict:
-        """Everything the update reads and writes (references, as torch's own state_dicts): weights, EMA,
-        optimizer, scaler, both counters, the epoch's order and position, the device sums, both random streams."""
-        return {"model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.module.state_dict(),
+    def state_dict(self, augment_states: list[torch.Tensor] | None = None) -> dict:
+        """Everything the update reads and writes (references, as torch's own state_dicts): weights, EMA, optimizer,
+        scaler, the LR schedule's state, both update counters, the epoch's order and position, the device sums, and
+        every random stream (`augment_states`: every rank's augmentation stream, gathered by the caller)."""
+        return {"model": self.model.state_dict(), "ema": None if self.ema is None else self.ema_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                "num_updates": self.num_updates, "order_rng": self.order_gen.get_state(), "augment_rng": self.aug_gen.get_state(),
-                "position": {name: getattr(self, name) for name in ("order", "offset", "parity", "loss_sum", "correct_sum")}}
+                "scheduler": self.lr.state_dict(), "num_updates": self.num_updates,
+                "rng": rng_state(self.order_gen, augment_states or [self.aug_gen.get_state()]),
+                "position": {name: getattr(self, name) for name in POSITION}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, epoch: int, source: str = "checkpoint") -> bool:
+        """Continue from `state` (also one saved on another device: flags and tensors are this device's). Returns
+        False when the data streams were saved on another device type or process count and could not continue."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+            self.ema_model.load_state_dict(state["ema"])
+        load_optimizer_state(self.optimizer, state["optimizer"], source)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
+        self.lr.load_state_dict(state["scheduler"], epoch)
         self.resume_at(state["num_updates"])
-        self.order_gen.set_state(state["order_rng"])
-        self.aug_gen.set_state(state["augment_rng"])
-        for name, value in state["position"].items():
-            getattr(self, name).copy_(value)
+        for name, value in state.get("position", {}).items():
+            if getattr(self, name).shape == value.shape:
+                getattr(self, name).copy_(value)
+        return restore_rng(state["rng"], self.order_gen, self.aug_gen, self.rank, self.world_size)
 
-    def _totals(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _totals(self, updates: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Loss and correct sums and images seen, summed over ranks."""
-        loss_sum, correct, seen = self.loss_sum.clone(), self.correct_sum.clone(), steps * self.local_batch
+        loss_sum, correct, seen = self.loss_sum.clone(), self.correct_sum.clone(), updates * self.local_batch
         if self.world_size > 1:
             import torch.distributed as dist
             dist.all_reduce(loss_sum)
@@ -241,6 +265,82 @@ def graph_blocker(*, cuda_graph: bool, mixup: bool, fp16: bool, optimizer: torch
     if not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
         return f"optim.name: {type(optimizer).__name__} has no fused kernel reading its LR from the device"
     return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # timm's Mixup draws from numpy
+    torch.manual_seed(seed)
+
+
+def whitening_sample(dataset: Dataset, mean: torch.Tensor, std: torch.Tensor, n: int = 5000) -> torch.Tensor:
+    """The first n training images, normalized (airbench whitens from 5,000)."""
+    return normalize(to_float(dataset.train.images[:n].to(mean.device)), mean, std)
+
+
+def _loss(recipe: Recipe) -> nn.Module:
+    if recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha:
+        from timm.loss import SoftTargetCrossEntropy
+        return SoftTargetCrossEntropy()  # mixup already folded label smoothing into the targets
+    return nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
+
+
+def _wrap(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _compile(forward_loss: nn.Module, mode: str, capture: bool, device: torch.device) -> nn.Module:
+    if mode == "none" or not compiles(device):
+        return forward_loss
+    if capture:  # the whole update is one CUDA graph: compiled kernels go inside it, without graphs of their own
+        return torch.compile(forward_loss, mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
+    return torch.compile(forward_loss, mode=None if mode == "default" else mode)
+
+
+def build_trainer(recipe: Recipe, dataset: Dataset, device: torch.device, source: str = "recipe", rank: int = 0,
+                  world_size: int = 1, echo: Callable[[str], None] = print) -> Trainer:
+    """Seed, build and place everything the update touches; the training images go to the device once, as uint8."""
+    from kit.models import build_model
+    from kit.models.resnet import init_whitening, whiten_stem
+    spec = recipe.train
+    seed_everything(spec.seed)
+    prec = training_precision(spec.precision, spec.channels_last, device)
+    model = build_model(recipe, source).to(device)
+    mean, std = torch.tensor(dataset.mean, device=device), torch.tensor(dataset.std, device=device)
+    stem = whiten_stem(model)
+    if stem is not None:
+        init_whitening(stem, whitening_sample(dataset, mean, std))
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = CachedModelEma(model, spec.ema_decay) if spec.ema_decay is not None else None
+    optimizer = build_optimizer(model, recipe.optim)
+    train = dataset.train.to(device)
+    updates_per_epoch = len(train) // spec.batch_size
+    plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
+    lr = LearningRate(lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, updates_per_epoch), optimizer, device,
+                      updates_per_epoch, plateau)
+    scaler = torch.amp.GradScaler("cuda") if prec.dtype == torch.float16 else None
+    blocker = graph_blocker(cuda_graph=spec.cuda_graph, mixup=bool(recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha),
+                            fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
+    if blocker is None:
+        make_capturable(optimizer)  # on every device: the CPU runs the update CUDA captures
+    elif captures(device):
+        echo(f"eager update (not one CUDA graph): {blocker}")
+    capture = blocker is None and captures(device)
+    forward_loss = ForwardLoss(_wrap(model, world_size, device), _loss(recipe))
+    if recipe.distill.teachers:
+        from kit.distill import DistillLoss, load_teachers
+        forward_loss = DistillLoss(forward_loss.model, forward_loss.loss_fn, load_teachers(recipe, mean, std, device),
+                                   recipe.distill.alpha)
+    forward_loss = _compile(forward_loss, spec.compile, capture, device)
+    augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing)
+    order_gen = torch.Generator(device=device).manual_seed(spec.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))
+    return Trainer(model, forward_loss, optimizer, augment, train, lr, recipe.optim, prec, order_gen, aug_gen,
+                   spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size, capture=capture, echo=echo)
 
 
 View = Callable[[torch.Tensor], torch.Tensor]

@@ -1,25 +1,59 @@
 """Ensembles: several checkpoints that agree on their classes, and the blend of their probabilities
-(equal, numbers, or a selection file from `kit evaluate --select`)."""
+(equal, numbers, or a selection file from `kit evaluate --select`). `load_ensemble` is the one inference
+set-up predict, evaluate and report share: paths, device, precision, checkpoints, TTA views and blend."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kit.checkpoint import Checkpoint, load_checkpoint
+from kit.device import Precision, inference_precision, resolve_device
 from kit.errors import KitError
+from kit.tta import tta_views
+
+COMPLETED_RUNS = "completed_runs.txt"  # a folder listing run directories, one per line (what `kit sweep` writes)
+
+
+@dataclass
+class Ensemble:
+    paths: list[str]  # the checkpoints as given (a sweep folder expanded into its completed runs)
+    checkpoints: list[Checkpoint]
+    blend: list[float] | None  # None: equal weights
+    tta: str
+    views: list
+    prec: Precision
+
+    def probs(self, images: torch.Tensor, batch_size: int, views: list | None = None) -> list[torch.Tensor]:
+        """Each checkpoint's (N, K) probabilities on `images`, averaged over `views` (default: the ensemble's)."""
+        images = images.to(self.prec.device)
+        return [c.probs(images, views or self.views, batch_size, self.prec) for c in self.checkpoints]
+
+
+def load_ensemble(paths: list[str], weights_from: str = "best", device: str = "auto", tta: str | None = None,
+                  blend: str | None = None) -> Ensemble:
+    """Checkpoints (run directories, files, folders listing runs) on the device, with the TTA views (default: the
+    first checkpoint's recipe's) and the blend (numbers or a selection file)."""
+    dev = resolve_device(device)
+    paths = expand_paths(paths)
+    checkpoints = load_checkpoints(paths, weights_from, dev)
+    tta = tta or checkpoints[0].recipe.predict.tta
+    return Ensemble(paths, checkpoints, parse_blend(blend, paths), tta, tta_views(tta), inference_precision(dev))
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Checkpoint paths, with a sweep folder (`kit sweep`) standing for its completed trials' run directories."""
+    """Checkpoint paths, with a folder holding completed_runs.txt (a sweep folder) standing for the runs it lists."""
     expanded = []
     for path in paths:
-        if (Path(path) / "sweep.yaml").is_file():
-            from kit.sweep import completed_runs
-            runs = completed_runs(Path(path))
+        listing = Path(path) / COMPLETED_RUNS
+        if listing.is_file():
+            runs = [line for line in listing.read_text().splitlines() if line.strip()]
             if not runs:
-                raise KitError(f"{path}: the sweep has no completed trial yet")
-            expanded += [str(r) for r in runs]
+                raise KitError(f"{path}: lists no completed run yet ({listing})")
+            expanded += runs
+        elif (Path(path) / "sweep.yaml").is_file():
+            raise KitError(f"{path}: the sweep has no completed trial yet")
         else:
             expanded.append(path)
     return expanded

@@ -10,26 +10,25 @@ import pandas as pd
 import torch
 
 from kit.checkpoint import Checkpoint
-from kit.data import Split, load_dataset
-from kit.device import Precision, inference_precision, resolve_device
-from kit.ensemble import ensemble_probs, expand_paths, load_checkpoints
+from kit.data import Labelled, load_dataset
+from kit.ensemble import Ensemble, ensemble_probs, load_ensemble
 from kit.errors import KitError
 from kit.io import write_text
 from kit.tta import tta_views
 
 
-def held_out(checkpoints: list[Checkpoint], data_root: str | None, split: str) -> Split:
+def scored_images(checkpoints: list[Checkpoint], data_root: str | None, held_out: str) -> Labelled:
     """The labelled images every checkpoint is scored on; they must agree on it."""
     chosen, first, loaded = None, None, {}
     for c in checkpoints:
         if c.recipe.data not in loaded:  # checkpoints of one recipe family share their data: read it once
-            loaded[c.recipe.data] = load_dataset(c.recipe.data, data_root, split).val
+            loaded[c.recipe.data] = load_dataset(c.recipe.data, data_root, held_out).held_out
         data = loaded[c.recipe.data]
         if chosen is None:
             chosen, first = data, c
         elif len(data) != len(chosen) or not torch.equal(data.labels, chosen.labels) or not torch.equal(data.images, chosen.images):
             raise KitError(f"{c.path}: validates on other images than {first.path} (a split vs the test_batch?); "
-                           f"use --split test to score all of them on the test_batch")
+                           f"use --held-out test to score all of them on the test set")
     return chosen
 
 
@@ -64,10 +63,9 @@ class Scored:
     with_views: list[torch.Tensor]  # per checkpoint, averaged over the TTA views
 
 
-def score_checkpoints(checkpoints: list[Checkpoint], data: Split, views: list, batch_size: int, prec: Precision) -> Scored:
-    images = data.images.to(prec.device)
-    plain = [c.probs(images, tta_views("none"), batch_size, prec) for c in checkpoints]
-    with_views = [c.probs(images, views, batch_size, prec) for c in checkpoints] if len(views) > 1 else plain
+def score_checkpoints(ensemble: Ensemble, data: Labelled, batch_size: int) -> Scored:
+    plain = ensemble.probs(data.images, batch_size, tta_views("none"))
+    with_views = ensemble.probs(data.images, batch_size) if len(ensemble.views) > 1 else plain
     return Scored(plain, with_views)
 
 
@@ -78,7 +76,7 @@ def _row(name: str, params: int, plain: torch.Tensor, with_views: torch.Tensor, 
     return row
 
 
-def selection_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def selection_halves(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(choose, report) index sets: a stratified `fraction` of the images to choose the blend on, the rest to report on."""
     from sklearn.model_selection import train_test_split
     index = torch.arange(len(labels)).numpy()
@@ -90,7 +88,7 @@ def _subset(scored: Scored, index: torch.Tensor) -> Scored:
     return Scored([p[index] for p in scored.plain], [p[index] for p in scored.with_views])
 
 
-def evaluate(paths: list[str], data_root: str | None = None, split: str = "val", tta: str | None = None, select: bool = False,
+def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int = 1000, device: str = "auto", select_on: float = 1.0,
              echo: Callable[[str], None] = print) -> pd.DataFrame:
@@ -98,16 +96,14 @@ def evaluate(paths: list[str], data_root: str | None = None, split: str = "val",
     `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
     others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
     for its completed trials."""
-    dev = resolve_device(device)
-    paths = expand_paths(paths)
-    checkpoints = load_checkpoints(paths, weights_from, dev)
-    data = held_out(checkpoints, data_root, split)
-    tta = tta or checkpoints[0].recipe.predict.tta
-    scored = score_checkpoints(checkpoints, data, tta_views(tta), batch_size, inference_precision(dev))
+    ensemble = load_ensemble(paths, weights_from, device, tta)
+    paths, checkpoints, tta = ensemble.paths, ensemble.checkpoints, ensemble.tta
+    data = scored_images(checkpoints, data_root, held_out)
+    scored = score_checkpoints(ensemble, data, batch_size)
     labels, top5 = data.labels, len(checkpoints[0].classes) > 10
     chosen_on = scored, labels
     if select and select_on < 1:
-        choose, report = selection_split(labels, select_on)
+        choose, report = selection_halves(labels, select_on)
         chosen_on = _subset(scored, choose), labels[choose]
         scored, labels = _subset(scored, report), labels[report]
         echo(f"blend chosen on {len(choose):,} images; every figure below is on the other {len(report):,}")
@@ -122,12 +118,12 @@ def evaluate(paths: list[str], data_root: str | None = None, split: str = "val",
         echo("selected: " + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(checkpoints, blend) if w > 0))
         if select_out:
             selection = {"blend": {str(Path(p).resolve()): w for p, w in zip(paths, blend) if w > 0},
-                         "tta": tta, "split": split, "select_on": select_on, "top1_tta": rows[-1]["top1_tta"],
+                         "tta": tta, "held_out": held_out, "select_on": select_on, "top1_tta": rows[-1]["top1_tta"],
                          "scored_on": len(labels)}
             write_text(select_out, json.dumps(selection, indent=2))
             echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --blend {select_out} --tta {tta})")
     table = pd.DataFrame(rows)
-    echo(f"{split} set: {len(labels):,} labelled images, tta {tta}")
+    echo(f"{held_out} set: {len(labels):,} labelled images, tta {tta}")
     echo(table.to_string(index=False, formatters={c: "{:.2%}".format for c in table.columns if c.startswith("top")}))
     if csv_out:
         write_text(csv_out, table.to_csv(index=False))

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kit.checkpoint import better_weights  # noqa: E402
 from kit.io import atomic_path  # noqa: E402
 
 
@@ -59,10 +60,10 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
 
 
 def plot_sweep(curves: dict, path: Path, title: str = "") -> None:
-    """Validation accuracy (best of raw and EMA) per epoch, one line per trial; pruned and failed trials dashed."""
+    """Validation accuracy (the better of raw and EMA) per epoch, one line per trial; pruned and failed trials dashed."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for trial, (metrics, state) in sorted(curves.items()):
-        acc = metrics[["val_acc", "ema_val_acc"]].max(axis=1) * 100
+        acc = better_weights(metrics.val_acc, metrics.ema_val_acc)[0] * 100
         ax.plot(metrics.epoch, acc, linestyle="-" if state in ("COMPLETE", "RUNNING") else "--", marker=".",
                 label=f"trial {trial} ({state.lower()})")
     ax.set_xlabel("epoch")

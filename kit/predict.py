@@ -5,15 +5,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from kit.checkpoint import Checkpoint
 from kit.data import read_test_pickle
-from kit.device import inference_precision, resolve_device
-from kit.ensemble import ensemble_probs, expand_paths, load_checkpoints, parse_blend
+from kit.ensemble import ensemble_probs, load_ensemble
 from kit.recipe import DEFAULT_MAX_PARAMS
 from kit.submission import write_probs, write_submission
-from kit.tta import tta_views
 
 
 def default_out(checkpoints: list[Checkpoint]) -> Path:
@@ -25,15 +22,10 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
             echo: Callable[[str], None] = print) -> Path:
     """Write the submission CSV and its .probs.npz; returns the CSV path."""
     test = read_test_pickle(test_path)  # validated before anything is loaded or written
-    dev = resolve_device(device)
-    paths = expand_paths(paths)
-    checkpoints = load_checkpoints(paths, weights_from, dev)
-    weights = parse_blend(blend, paths)
-    views = tta_views(tta or checkpoints[0].recipe.predict.tta)
-    prec = inference_precision(dev)
+    ensemble = load_ensemble(paths, weights_from, device, tta, blend)
+    checkpoints, weights, views = ensemble.checkpoints, ensemble.blend, ensemble.views
     start = time.perf_counter()
-    images = test.images.to(dev)
-    per_checkpoint = [c.probs(images, views, batch_size, prec) for c in checkpoints]
+    per_checkpoint = ensemble.probs(test.images, batch_size)
     compute_seconds = time.perf_counter() - start  # probs come back on the CPU: the device work is done
     probs = ensemble_probs(per_checkpoint, weights)
     labels = probs.argmax(1).numpy()
@@ -42,7 +34,7 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     write_probs(test.ids, probs.numpy(), checkpoints[0].classes, [c.path for c in checkpoints], out_path.with_suffix(".probs.npz"))
     echo(describe(checkpoints, weights, views, labels, layout=test.layout, n=len(test.ids)))
     echo(f"model compute: {compute_seconds:.2f} s for {len(test.ids):,} images x {len(checkpoints)} checkpoints x "
-         f"{len(views)} views on {dev}")
+         f"{len(views)} views on {ensemble.prec.device}")
     echo(f"submission: {out_path}")
     return out_path
 

@@ -15,6 +15,8 @@ DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars",
               "lookahead_momentum", "lookahead_sgd", "lookahead_adamw")  # timm's names; lookahead_* wraps the base
 SCHEDULES = ("constant", "cosine", "step", "multistep", "plateau", "poly", "onecycle")
+TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation views (kit.tta)
+WEIGHTS_FROM = ("best", "ema", "raw")  # which weights of a checkpoint: raw, EMA, or the better of the two at its epoch
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class PredictSpec:
-    tta: Literal["none", "flip", "shift", "flip-shift"] = "flip"
+    tta: Literal[TTA_MODES] = "flip"
     batch_size: int = positive(1000)
 
 
@@ -124,7 +126,7 @@ class DistillSpec:
     teachers: tuple[str, ...] = ()  # run directories or checkpoint files (any architecture); empty: no distillation
     temperature: float = positive(4.0)
     alpha: float = field(default=0.5, metadata={"min": 0, "max": 1})  # weight of the soft term against the label loss
-    weights_from: Literal["best", "ema", "raw"] = "best"  # which weights of each teacher checkpoint
+    weights_from: Literal[WEIGHTS_FROM] = "best"  # which weights of each teacher checkpoint
     teacher_sha256: tuple[str, ...] = ()  # filled in by kit when the run starts: the teachers it was taught by
 
 

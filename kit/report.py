@@ -7,12 +7,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kit.checkpoint import Checkpoint, checkpoint_from_payload, read_payload
 from kit.data import load_dataset
-from kit.device import inference_precision, resolve_device
+from kit.ensemble import load_ensemble
 from kit.io import write_text
 from kit.plots import plot_confusion, plot_curves
 from kit.tta import tta_views
@@ -46,14 +45,14 @@ class RunScores:
     predicted: np.ndarray  # with the best weights and TTA
 
 
-def score_run(path: str, data_root: str | None, split: str, tta: str | None,
-              device: torch.device) -> tuple[Checkpoint, np.ndarray, RunScores]:
+def score_run(path: str, data_root: str | None, held_out: str, tta: str | None,
+              device: str) -> tuple[Checkpoint, np.ndarray, RunScores]:
     """Accuracy of raw, EMA and best-weights-with-TTA (default: the recipe's views) on the run's held-out data."""
+    ensemble = load_ensemble([path], "best", device, tta)
+    (best,), tta, prec = ensemble.checkpoints, ensemble.tta, ensemble.prec
+    device = prec.device
     payload = read_payload(path)
-    best = checkpoint_from_payload(payload, path, "best", device)
-    tta = tta or best.recipe.predict.tta
-    data = load_dataset(best.recipe.data, data_root, split).val
-    prec = inference_precision(device)
+    data = load_dataset(best.recipe.data, data_root, held_out).held_out
     images, labels = data.images.to(device), data.labels.numpy()
 
     def accuracy(checkpoint: Checkpoint, views: list) -> tuple[float, np.ndarray]:
@@ -64,13 +63,13 @@ def score_run(path: str, data_root: str | None, split: str, tta: str | None,
     ema_acc = None
     if payload.get("ema") is not None:
         ema_acc = accuracy(checkpoint_from_payload(payload, path, "ema", device), tta_views("none"))[0]
-    tta_acc, predicted = accuracy(best, tta_views(tta))
+    tta_acc, predicted = accuracy(best, ensemble.views)
     return best, labels, RunScores(raw_acc, ema_acc, tta_acc, tta, predicted)
 
 
-def report_run(path: str, out_dir: Path, data_root: str | None, split: str, tta: str | None, device: torch.device) -> Path:
+def report_run(path: str, out_dir: Path, data_root: str | None, held_out: str, tta: str | None, device: str) -> Path:
     """Write the per-class tables, confusion matrix, curves and REPORT.md of one run into out_dir."""
-    checkpoint, labels, scores = score_run(path, data_root, split, tta, device)
+    checkpoint, labels, scores = score_run(path, data_root, held_out, tta, device)
     classes = checkpoint.classes
     matrix = confusion_matrix(labels, scores.predicted, labels=list(range(len(classes))))
     per_class = per_class_table(labels, scores.predicted, classes)
@@ -78,11 +77,11 @@ def report_run(path: str, out_dir: Path, data_root: str | None, split: str, tta:
     write_text(out_dir / "per_class.csv", per_class.to_csv(index=False))
     write_text(out_dir / "confusion.csv", pd.DataFrame(matrix, index=classes, columns=classes).to_csv())
     write_text(out_dir / "confused_pairs.csv", pairs.to_csv(index=False))
-    plot_confusion(matrix, classes, out_dir / "confusion.png", f"{checkpoint.name} ({split}, tta {scores.tta})")
+    plot_confusion(matrix, classes, out_dir / "confusion.png", f"{checkpoint.name} ({held_out}, tta {scores.tta})")
     metrics_path = Path(checkpoint.path).parent / "metrics.csv"
     if metrics_path.is_file():
         plot_curves(pd.read_csv(metrics_path), out_dir / "curves.png", checkpoint.recipe.name)
-    markdown = _markdown(checkpoint, scores, split=split, n=len(labels), per_class=per_class, pairs=pairs,
+    markdown = _markdown(checkpoint, scores, held_out=held_out, n=len(labels), per_class=per_class, pairs=pairs,
                          has_curves=metrics_path.is_file())
     write_text(out_dir / "REPORT.md", markdown)
     return out_dir
@@ -92,13 +91,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
-def _markdown(checkpoint: Checkpoint, scores: RunScores, split: str, n: int, per_class: pd.DataFrame,
+def _markdown(checkpoint: Checkpoint, scores: RunScores, held_out: str, n: int, per_class: pd.DataFrame,
               pairs: pd.DataFrame, has_curves: bool) -> str:
     r = checkpoint.recipe
     lines = [f"# Report: {checkpoint.name}", "",
              f"- recipe: `{r.name}` ({r.description or r.model.name}); source: {r.paper.source or '-'}",
              f"- model: `{r.model.name}`, {checkpoint.num_params:,} parameters",
-             f"- scored on: {split} set, {n:,} labelled images; best weights: {checkpoint.weights_from}",
+             f"- scored on: {held_out} set, {n:,} labelled images; best weights: {checkpoint.weights_from}",
              f"- accuracy: raw {_pct(scores.raw_acc)} · EMA {_pct(scores.ema_acc)} · best weights + TTA ({scores.tta}) {_pct(scores.tta_acc)}",
              f"- paper reports: {'-' if r.paper.reported_accuracy is None else f'{r.paper.reported_accuracy:.2f}%'} ({r.paper.metric})",
              "", "## Per class (best weights + TTA)", "", _table(per_class),
@@ -117,14 +116,13 @@ def _table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule] + ["| " + " | ".join(row) + " |" for row in cells.values.tolist()])
 
 
-def report(paths: list[str], data_root: str | None = None, out: str | None = None, split: str = "val", tta: str | None = None,
-           device: str = "auto", echo: Callable[[str], None] = print) -> list[Path]:
-    """One report folder per checkpoint: RUN/report/ by default, or OUT/<run name>/."""
-    dev = resolve_device(device)
+def report(paths: list[str], data_root: str | None = None, report_dir: str | None = None, held_out: str = "val",
+           tta: str | None = None, device: str = "auto", echo: Callable[[str], None] = print) -> list[Path]:
+    """One report folder per checkpoint: RUN/report/ by default, or REPORT_DIR/<run name>/."""
     written = []
     for path in paths:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
-        out_dir = Path(out) / base.name if out else base / "report"
-        written.append(report_run(path, out_dir, data_root=data_root, split=split, tta=tta, device=dev))
+        out_dir = Path(report_dir) / base.name if report_dir else base / "report"
+        written.append(report_run(path, out_dir, data_root=data_root, held_out=held_out, tta=tta, device=device))
         echo(f"report: {out_dir / 'REPORT.md'}")
     return written

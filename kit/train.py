@@ -1,6 +1,7 @@
-"""Wiring a run: recipe -> data + session -> epochs -> run directory (recipe.yaml, metrics.csv,
-best.pt, last.pt, curves.png). Resume continues a run directory from last.pt, bit-exactly. Under torchrun
-every rank trains its slice of each batch; rank 0 evaluates, writes and prints."""
+"""Wiring a run: recipe -> data + trainer -> epochs -> run directory (recipe.yaml, metrics.csv,
+best.pt, last.pt, curves.png). One path trains a new run or continues one from last.pt, bit-exactly (`train`
+and `resume` differ only in where they start). Under torchrun every rank trains its slice of each batch;
+rank 0 evaluates, writes and prints."""
 
 import dataclasses
 import math
@@ -13,18 +14,16 @@ import pandas as pd
 import torch
 
 from kit import distributed
-from kit.checkpoint import read_payload, restore_rng, rng_state, save_checkpoint, training_payload
-from kit.data import load_dataset
+from kit.checkpoint import better_weights, read_payload, save_checkpoint
+from kit.data import Dataset, load_dataset
 from kit.device import deterministic
 from kit.distill import resolve_teachers
 from kit.distributed import Ranks
-from kit.engine import EpochResult, predict_probs, probs_loss_acc
+from kit.engine import EpochResult, Trainer, build_trainer, predict_probs, probs_loss_acc
 from kit.errors import KitError
 from kit.io import write_text
-from kit.optim import load_optimizer_state
 from kit.plots import plot_curves
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
-from kit.session import Session, build_session
 from kit.tensorboard import EpochLog
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s"]
@@ -47,46 +46,41 @@ def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
 
 
 class Run:
-    """One run directory being trained (by this process, one of `ranks`)."""
+    """One run directory being trained (by this process, one of `ranks`): the trainer, the images it is
+    validated on, the normalization, the metrics history and which epoch is best."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, session: Session, classes: list[str], echo: Callable[[str], None],
+    def __init__(self, recipe: Recipe, run_dir: Path, trainer: Trainer, dataset: Dataset, echo: Callable[[str], None],
                  ranks: Ranks = Ranks()):
-        self.recipe, self.dir, self.s, self.classes, self.ranks = recipe, run_dir, session, classes, ranks
+        self.recipe, self.dir, self.trainer, self.classes, self.ranks = recipe, run_dir, trainer, dataset.classes, ranks
+        device = trainer.prec.device
+        self.held_out = dataset.held_out.to(device)  # the validation images
+        self.mean, self.std = torch.tensor(dataset.mean, device=device), torch.tensor(dataset.std, device=device)
         self.echo = echo if ranks.main else _silent
         self.epoch = 0  # epochs completed
         self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
+        self.weights_from = "raw"  # the better of raw and EMA at the last completed epoch
         self.metrics = pd.DataFrame()
         self.log: EpochLog | None = None
 
     def payload(self) -> dict:
-        """The checkpoint's contents (collective under torchrun: every rank's augmentation stream is gathered)."""
-        s, t = self.s, self.s.trainer
-        augment_states = distributed.gather(t.aug_gen.get_state(), self.ranks)
-        return training_payload(
-            model=s.model, ema_model=s.ema_model, optimizer_state=s.optimizer.state_dict(),
-            scheduler_state=s.lr.state_dict(),
-            scaler_state=None if s.scaler is None else s.scaler.state_dict(), epoch=self.epoch,
-            planned_epochs=self.recipe.train.epochs, num_updates=t.num_updates, rng=rng_state(t.order_gen, augment_states),
-            recipe=recipe_as_dict(self.recipe), classes=self.classes, num_params=s.num_params,
-            mean=list(map(float, s.mean.cpu())), std=list(map(float, s.std.cpu())), best_acc=self.best_acc,
-            best_epoch=self.best_epoch, best_weights_from=self.best_weights_from, world_size=self.ranks.world_size)
+        """The checkpoint: the trainer's state and the run's (collective under torchrun: every rank's
+        augmentation stream is gathered)."""
+        t = self.trainer
+        state = t.state_dict(distributed.gather(t.aug_gen.get_state(), self.ranks))
+        return {**state, "epoch": self.epoch, "planned_epochs": self.recipe.train.epochs, "recipe": recipe_as_dict(self.recipe),
+                "classes": self.classes, "num_params": t.num_params, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_weights_from": self.best_weights_from,
+                "weights_from": self.weights_from, "world_size": self.ranks.world_size}
 
     def restore(self, payload: dict) -> None:
         """Continue from a last.pt, also one saved on another device (the tensors were mapped to the CPU on reading)."""
-        s, t = self.s, self.s.trainer
+        t = self.trainer
         if self.recipe.schedule.name == "onecycle" and payload["planned_epochs"] != self.recipe.train.epochs:
             raise KitError(f"a one-cycle schedule cannot be extended: the run was planned for {payload['planned_epochs']} epochs")
-        s.model.load_state_dict(payload["model"])
-        if s.ema is not None and payload["ema"] is not None:
-            s.ema_model.load_state_dict(payload["ema"])
-        load_optimizer_state(s.optimizer, payload["optimizer"], payload["path"])
-        if s.scaler is not None and payload["scaler"] is not None:
-            s.scaler.load_state_dict(payload["scaler"])
         self.epoch = payload["epoch"]
-        t.resume_at(payload["num_updates"])
         self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
-        s.lr.load_state_dict(payload["scheduler"], self.epoch)
-        if not restore_rng(payload["rng"], t.order_gen, t.aug_gen, self.ranks.rank, self.ranks.world_size):
+        self.weights_from = payload.get("weights_from", self.best_weights_from)
+        if not t.load_state_dict(payload, self.epoch, payload["path"]):
             t.order_gen.manual_seed(self.recipe.train.seed + self.epoch)
             t.aug_gen.manual_seed(t.aug_gen.initial_seed() + self.epoch)
             saved = f"{payload['rng'].get('generator_device', '?')} with {len(payload['rng'].get('augment', []))} process(es)"
@@ -96,34 +90,35 @@ class Run:
         self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)  # drop rows past last.pt
 
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
-        s = self.s
-        probs = predict_probs(model, s.val.images, s.mean, s.std, [lambda x: x], self.recipe.train.eval_batch_size, s.prec)
-        return probs_loss_acc(probs, s.val.labels)
+        probs = predict_probs(model, self.held_out.images, self.mean, self.std, [lambda x: x],
+                              self.recipe.train.eval_batch_size, self.trainer.prec)
+        return probs_loss_acc(probs, self.held_out.labels)
 
     def train_epoch(self) -> EpochResult:
-        s, spec = self.s, self.recipe.train
-        with EpochProgress(self.epoch + 1, spec.epochs, s.updates_per_epoch, self.ranks.main) as progress:
-            return s.trainer.epoch(progress=progress)
+        t = self.trainer
+        with EpochProgress(self.epoch + 1, self.recipe.train.epochs, t.updates_per_epoch, self.ranks.main) as progress:
+            return t.epoch(progress=progress)
 
     def record(self, lr: float, result: EpochResult) -> dict:
         """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
         metrics row, keep the best; returns the row."""
-        distributed.average_buffers(self.s.model, self.ranks)
-        distributed.average_buffers(self.s.ema_model, self.ranks)
+        t = self.trainer
+        distributed.average_buffers(t.model, self.ranks)
+        distributed.average_buffers(t.ema_model, self.ranks)
         scores = None
         if self.ranks.main:
-            val_loss, val_acc = self.evaluate(self.s.model)
-            scores = (val_loss, val_acc, self.evaluate(self.s.ema_model)[1] if self.s.ema is not None else float("nan"))
+            val_loss, val_acc = self.evaluate(t.model)
+            scores = (val_loss, val_acc, self.evaluate(t.ema_model)[1] if t.ema is not None else float("nan"))
         val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
-        self.s.lr.after_epoch(self.epoch, val_acc)
+        t.lr.after_epoch(self.epoch, val_acc)
         row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
                "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
                "images_per_s": result.images / max(result.seconds, 1e-9)}
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
         self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
-        score, weights_from = max((val_acc, "raw"), (-1.0 if math.isnan(ema_acc) else ema_acc, "ema"))
+        score, self.weights_from = better_weights(val_acc, ema_acc)
         if score > self.best_acc:
-            self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, weights_from
+            self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, self.weights_from
         if self.log is not None:
             self.log.write(row)
         return row
@@ -151,14 +146,14 @@ class Run:
         finally:
             if self.log is not None:
                 self.log.close()
-        if not distributed.parameters_agree(self.s.model, self.ranks):
+        if not distributed.parameters_agree(self.trainer.model, self.ranks):
             raise KitError(f"{self.dir}: the {self.ranks.world_size} processes ended with different parameters")
         if self.ranks.world_size > 1:
             self.echo(f"ranks agree: identical parameters in all {self.ranks.world_size} processes")
 
     def _epochs(self, on_epoch_end: Callable[["Run"], None] | None) -> None:
         while self.epoch < self.recipe.train.epochs:
-            lr = self.s.lr.at_epoch(self.epoch)
+            lr = self.trainer.lr.at_epoch(self.epoch)
             result = self.train_epoch()
             if not result.finite:
                 raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "
@@ -189,11 +184,11 @@ def _summary(row: dict, epochs: int) -> str:
 class EpochProgress:
     """A tqdm bar on a terminal (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, main: bool = True):
+    def __init__(self, epoch: int, epochs: int, updates: int, main: bool = True):
         self.bar, self.n = None, 0
         if main and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step")
+            self.bar = tqdm(total=updates, desc=f"epoch {epoch}/{epochs}", leave=False, unit="update")
 
     def __enter__(self):
         return self.update if self.bar is not None else None
@@ -210,34 +205,12 @@ class EpochProgress:
             self.bar.close()
 
 
-def _prepare(recipe: Recipe, device: str, source: str, echo: Callable[[str], None]):
-    """Data, ranks and session for this process."""
-    dataset = load_dataset(recipe.data)
-    _check_batch(recipe, len(dataset.train))
-    ranks, dev = distributed.start(device)
-    if recipe.train.batch_size % ranks.world_size:
-        raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
-    session = build_session(recipe, dataset, dev, source, rank=ranks.rank, world_size=ranks.world_size,
-                            echo=echo if ranks.main else _silent)
-    return dataset, ranks, session
-
-
 def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | Path = "runs", device: str = "auto",
           on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print,
           run_dir: str | Path | None = None) -> Path:
     """Train a recipe into a new run directory (`run_dir`, or out_root/<recipe>-<time>); returns its path."""
     recipe = resolve_teachers(with_data_root(recipe, data_root), recipe.name)
-    dataset, ranks, session = _prepare(recipe, device, recipe.name, echo)
-    if run_dir is None:
-        run_dir = distributed.broadcast(new_run_dir(out_root, recipe.name) if ranks.main else None, ranks)
-    run = Run(recipe, Path(run_dir), session, dataset.classes, echo, ranks)
-    if ranks.main:
-        save_recipe(recipe, run.dir / "recipe.yaml")
-    processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
-    run.echo(f"{recipe.name}: {session.num_params:,} parameters, {len(dataset.train):,} training / {len(dataset.val):,} "
-             f"validation images, {session.prec.device} {session.prec.dtype or 'fp32'}{processes}, run {run.dir}")
-    run.fit(on_epoch_end)
-    return run.dir
+    return fit(recipe, None, run_dir=run_dir, out_root=out_root, device=device, on_epoch_end=on_epoch_end, echo=echo)
 
 
 def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str | Path | None = None,
@@ -251,16 +224,38 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str 
     recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
     recipe = resolve_teachers(recipe, str(run_dir / "recipe.yaml"))
     payload = read_payload(run_dir / "last.pt")
-    dataset, ranks, session = _prepare(recipe, device, str(run_dir / "recipe.yaml"), echo)
-    if len(dataset.classes) != len(payload["classes"]):
-        raise KitError(f"{run_dir / 'last.pt'}: has {len(payload['classes'])} classes but the data has {len(dataset.classes)}")
-    run = Run(recipe, run_dir, session, dataset.classes, echo, ranks)
-    run.restore(payload)
+    return fit(recipe, payload, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end, echo=echo)
+
+
+def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = None, out_root: str | Path = "runs",
+        device: str = "auto", on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print) -> Path:
+    """The one training path: from scratch (`init_from` None) or from a checkpoint's payload, into `run_dir`
+    (a new out_root/<recipe>-<time> when None); returns the run directory."""
+    source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
+    dataset = load_dataset(recipe.data)
+    _check_batch(recipe, len(dataset.train))
+    ranks, dev = distributed.start(device)
+    if recipe.train.batch_size % ranks.world_size:
+        raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
+    trainer = build_trainer(recipe, dataset, dev, source, rank=ranks.rank, world_size=ranks.world_size,
+                            echo=echo if ranks.main else _silent)
+    if run_dir is None:
+        run_dir = distributed.broadcast(new_run_dir(out_root, recipe.name) if ranks.main else None, ranks)
+    run = Run(recipe, Path(run_dir), trainer, dataset, echo, ranks)
+    if init_from is not None:
+        if len(dataset.classes) != len(init_from["classes"]):
+            raise KitError(f"{init_from['path']}: has {len(init_from['classes'])} classes but the data has {len(dataset.classes)}")
+        run.restore(init_from)
     if ranks.main:
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    run.echo(f"resuming {run_dir} after epoch {run.epoch} of {recipe.train.epochs}")
+        save_recipe(recipe, run.dir / "recipe.yaml")
+    if init_from is None:
+        processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+        run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
+                 f"{len(dataset.held_out):,} validation images, {dev} {trainer.prec.dtype or 'fp32'}{processes}, run {run.dir}")
+    else:
+        run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}")
     run.fit(on_epoch_end)
-    return run_dir
+    return run.dir
 
 
 def _check_batch(recipe: Recipe, n_train: int) -> None:

@@ -26,19 +26,38 @@ def quiet(_: str) -> None:
     pass
 
 
+def run(*args) -> tuple[int, str]:
+    """`kit ARGS...` in this process (click's runner): (exit code, output)."""
+    from click.testing import CliRunner
+
+    from kit.cli import cli
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, *fragments: str) -> None:
+    """Exit code 2 and one line `error: ...` holding each fragment, no traceback."""
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 # Any recipe at 1/8 width on the digits demo data, in seconds: CIFAR-100 recipes read the 10-class demo set,
 # and compile is off (it is CUDA-only, and its kernels are not what these tests check).
 TINY = ("model.args.width=0.125", "data.dataset=cifar10", "model.num_classes=10", "data.validation=test_batch",
         "train.batch_size=16", "train.compile=none")
 
 
-def tiny_session(path: Path, demo_data: Path, device: str = "cpu", overrides: tuple[str, ...] = ()):
-    """A training session (kit.session.Session) for the recipe file at tiny size, on `device`."""
+def tiny_trainer(path: Path, demo_data: Path, device: str = "cpu", overrides: tuple[str, ...] = ()):
+    """A Trainer (kit.engine) for the recipe file at tiny size, on `device`."""
     import torch
+
     from kit.data import load_dataset
-    from kit.session import build_session
+    from kit.engine import build_trainer
     recipe = load_recipe(path, TINY + tuple(overrides))
-    return build_session(recipe, load_dataset(recipe.data, demo_data), torch.device(device), echo=quiet)
+    return build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device(device), echo=quiet)
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +81,4 @@ def write_recipe(tmp_path):
     return write
 
 
-__all__ = ["RECIPES", "ROOT", "TINY", "quiet", "recipe_from_dict", "tiny_recipe", "tiny_session"]
+__all__ = ["RECIPES", "ROOT", "TINY", "assert_one_line_error", "quiet", "run", "recipe_from_dict", "tiny_recipe", "tiny_trainer"]

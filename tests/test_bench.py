@@ -1,6 +1,7 @@
 """`kit bench`'s figures come back from bench() itself (no parsing of rounded printed rates), and the
 model's FLOP count agrees with a count by hand."""
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -11,9 +12,12 @@ from kit.recipe import load_recipe
 CPU = torch.device("cpu")
 
 
+pytestmark = pytest.mark.slow
+
+
 def test_bench_returns_the_ratio_of_the_rates_it_measured():
     lines = []
-    figures = bench(load_recipe(ROOT / "recipes" / "demo.yaml"), steps=2, warmup=1, device="cpu", echo=lines.append)
+    figures = bench(load_recipe(ROOT / "recipes" / "demo.yaml"), updates=2, untimed=1, device="cpu", echo=lines.append)
     assert figures["kit"] > 0 and figures["baseline"] > 0
     assert figures["ratio"] == figures["kit"] / figures["baseline"]
     assert f"ratio: {figures['ratio']:.2f}x" in lines
@@ -24,7 +28,7 @@ def test_bench_returns_the_ratio_of_the_rates_it_measured():
 
 def test_bench_runs_past_the_recipes_planned_updates():
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ("train.epochs=1", "train.batch_size=600"))  # 2 updates planned
-    figures = bench(recipe, steps=3, warmup=2, device="cpu", echo=lambda _: None)
+    figures = bench(recipe, updates=3, untimed=2, device="cpu", echo=lambda _: None)
     assert figures["kit"] > 0
 
 

@@ -9,10 +9,10 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from conftest import RECIPES, ROOT, quiet, tiny_recipe, tiny_session
+from conftest import RECIPES, ROOT, quiet, tiny_recipe, tiny_trainer
 
-from kit import session as session_module
-from kit.engine import WARMUP_STEPS, Trainer, graph_blocker
+from kit import engine
+from kit.engine import EAGER_UPDATES_BEFORE_CAPTURE, Trainer, build_trainer, graph_blocker
 from kit.hazards import find_hazards
 from kit.optim import FUSABLE, build_optimizer, load_optimizer_state
 from kit.recipe import OptimSpec
@@ -22,28 +22,27 @@ CPU = torch.device("cpu")
 TIMING = ["seconds", "images_per_s"]
 
 
-def _hazards_after_warmup(session) -> list:
-    """The hazards of one update as CUDA would capture it: after the eager warm-up updates."""
-    trainer = session.trainer
+def _hazards_before_capture(trainer) -> list:
+    """The hazards of one update as CUDA would capture it: after the eager updates that precede capture."""
     trainer.forward_loss.train()
-    for _ in range(WARMUP_STEPS):
-        trainer.step()
-    return find_hazards(trainer.step)
+    for _ in range(EAGER_UPDATES_BEFORE_CAPTURE):
+        trainer.update()
+    return find_hazards(trainer.update)
 
 
-def _blocker(session) -> str | None:
-    return graph_blocker(cuda_graph=True, mixup=session.trainer.augment.mixup is not None, fp16=session.scaler is not None,
-                         optimizer=session.optimizer, world_size=1)
+def _blocker(trainer) -> str | None:
+    return graph_blocker(cuda_graph=True, mixup=trainer.augment.mixup is not None, fp16=trainer.scaler is not None,
+                         optimizer=trainer.optimizer, world_size=1)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_runs_the_capturable_update_on_the_cpu(path, demo_data):
-    session = tiny_session(path, demo_data)
-    assert _blocker(session) is None  # every shipped recipe is captured on CUDA
-    groups = session.optimizer.param_groups
+    trainer = tiny_trainer(path, demo_data)
+    assert _blocker(trainer) is None  # every shipped recipe is captured on CUDA
+    groups = trainer.optimizer.param_groups
     assert all(g["fused"] for g in groups) and all(isinstance(g["lr"], torch.Tensor) for g in groups)
     assert all(g.get("capturable", True) for g in groups)  # Adam/AdamW: capturable on the CPU too
-    hazards = _hazards_after_warmup(session)
+    hazards = _hazards_before_capture(trainer)
     assert not hazards, "\n".join(map(str, hazards))
 
 
@@ -64,9 +63,9 @@ EXTRA_CASES = {  # options no shipped recipe combines, each on the demo recipe
 
 @pytest.mark.parametrize("overrides", EXTRA_CASES.values(), ids=EXTRA_CASES.keys())
 def test_options_outside_the_recipes_are_capture_safe(overrides, demo_data):
-    session = tiny_session(ROOT / "recipes" / "demo.yaml", demo_data, overrides=overrides)
-    assert _blocker(session) is None
-    hazards = _hazards_after_warmup(session)
+    trainer = tiny_trainer(ROOT / "recipes" / "demo.yaml", demo_data, overrides=overrides)
+    assert _blocker(trainer) is None
+    hazards = _hazards_before_capture(trainer)
     assert not hazards, "\n".join(map(str, hazards))
 
 
@@ -74,15 +73,15 @@ def test_distillation_teachers_are_capture_safe(trained_run, demo_data):
     recipe = tiny_recipe()
     recipe = dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, teachers=(str(trained_run / "best.pt"),)))
     from kit.data import load_dataset
-    session = session_module.build_session(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
-    hazards = _hazards_after_warmup(session)
+    trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
+    hazards = _hazards_before_capture(trainer)
     assert not hazards, "\n".join(map(str, hazards))
 
 
 def test_mixup_and_lookahead_are_named_as_what_blocks_capture(demo_data):
-    mixup = tiny_session(ROOT / "recipes" / "demo.yaml", demo_data, overrides=("augment.mixup_alpha=0.2",))
+    mixup = tiny_trainer(ROOT / "recipes" / "demo.yaml", demo_data, overrides=("augment.mixup_alpha=0.2",))
     assert "mixup" in _blocker(mixup)
-    lookahead = tiny_session(ROOT / "recipes" / "demo.yaml", demo_data, overrides=("optim.name=lookahead_momentum",))
+    lookahead = tiny_trainer(ROOT / "recipes" / "demo.yaml", demo_data, overrides=("optim.name=lookahead_momentum",))
     assert "no fused kernel" in _blocker(lookahead)
 
 
@@ -134,11 +133,11 @@ class _StandInGraph:
         self.trainer = trainer
 
     def replay(self) -> None:
-        self.trainer.step()
+        self.trainer.update()
 
 
 def _force_capture(monkeypatch, record_graph) -> None:
-    monkeypatch.setattr(session_module, "captures", lambda device: True)
+    monkeypatch.setattr(engine, "captures", lambda device: True)
     monkeypatch.setattr(Trainer, "record_graph", record_graph)
 
 
@@ -151,16 +150,16 @@ def test_a_failed_capture_goes_on_eagerly_from_the_same_state(demo_data, trained
 
     def failing_capture(self):
         attempts.append(self.num_updates)
-        self.step()  # on the CPU the "recorded" kernels really run: the fallback must undo them
+        self.update()  # on the CPU the "recorded" kernels really run: the fallback must undo them
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
     _force_capture(monkeypatch, failing_capture)
     lines = []
     run = train(tiny_recipe(), demo_data, tmp_path, "cpu", echo=lines.append)
-    assert attempts == [WARMUP_STEPS]  # tried once, after the warm-up, then eager for the rest of the run
+    assert attempts == [EAGER_UPDATES_BEFORE_CAPTURE]  # tried once, after the warm-up, then eager for the rest of the run
     notes = [line for line in lines if "could not be captured" in line]
     assert notes == [f"note: the update could not be captured as a CUDA graph (CUDA error: operation not permitted when "
-                     f"stream is capturing); training goes on eagerly from update {WARMUP_STEPS}"]
+                     f"stream is capturing); training goes on eagerly from update {EAGER_UPDATES_BEFORE_CAPTURE}"]
     pd.testing.assert_frame_equal(_metrics(run), _metrics(trained_run))
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (run, trained_run))
     assert a["num_updates"] == b["num_updates"] and torch.equal(a["rng"]["augment"][0], b["rng"]["augment"][0])
@@ -177,7 +176,7 @@ def test_a_captured_run_equals_the_eager_one(demo_data, trained_run, tmp_path, m
 
     _force_capture(monkeypatch, stand_in_capture)
     run = train(tiny_recipe(), demo_data, tmp_path, "cpu", echo=quiet)
-    assert recorded == [WARMUP_STEPS]
+    assert recorded == [EAGER_UPDATES_BEFORE_CAPTURE]
     pd.testing.assert_frame_equal(_metrics(run), _metrics(trained_run))
 
 

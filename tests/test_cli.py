@@ -8,24 +8,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, run
 
 from kit import __version__
-from kit.cli import cli
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def assert_one_line_error(code, output, *fragments):
-    assert code == 2, output
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_version():
@@ -66,7 +51,7 @@ def test_bad_inputs_give_one_line_errors(args, fragments):
 
 
 def test_train_resume_predict_check_flow(demo_data, tmp_path):
-    code, out = run("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--out", tmp_path / "runs",
+    code, out = run("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path / "runs",
                     "--device", "cpu", "--set", "train.epochs=1")
     assert code == 0, out
     run_dir = out.strip().splitlines()[-1].removeprefix("run: ")
@@ -96,6 +81,7 @@ def test_check_submission_exit_code(tmp_path, demo_data):
     assert_one_line_error(code, out, "299 ids of")
 
 
+@pytest.mark.slow
 def test_installed_entry_point_prints_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  name: [\n")
@@ -106,9 +92,9 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
 
 
 def test_bench_command_prints_every_figure():
-    code, out = run("bench", ROOT / "recipes" / "demo.yaml", "--steps", 2, "--warmup", 1, "--device", "cpu")
+    code, out = run("bench", ROOT / "recipes" / "demo.yaml", "--updates", 2, "--untimed", 1, "--device", "cpu")
     assert code == 0, out
-    for start in ("bench demo: batch 16", "kit engine  (fp32", "baseline    (", "ratio: ", "eager step: augmentation ", "model: "):
+    for start in ("bench demo: batch 16", "kit engine  (fp32", "baseline    (", "ratio: ", "eager update: augmentation ", "model: "):
         assert any(line.startswith(start) for line in out.splitlines()), (start, out)
 
 
@@ -132,3 +118,25 @@ def test_export_command_writes_a_checkpoint_predict_reads(trained_run, demo_data
     assert code == 0 and text.strip().startswith(f"exported: {out} (safetensors, ") and out.is_file()
     code, text = run("predict", out, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", tmp_path / "s.csv", "--device", "cpu")
     assert code == 0 and "model compute: " in text, text
+
+
+def test_train_gpus_runs_its_own_arguments_again_under_torchrun(monkeypatch):
+    from kit import distributed
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda n, args: launched.append((n, args)) or 0)
+    code, out = run("train", "r.yaml", "--gpus", 3, "--set", "optim.lr=0.1", "--runs", "somewhere", "--device", "cpu")
+    assert code == 0, out
+    assert launched == [(3, ["train", "r.yaml", "--set", "optim.lr=0.1", "--runs", "somewhere", "--device", "cpu"])]
+
+
+def test_inference_does_not_import_the_sweep():
+    """Arrows point down: ensembles read a list of runs, not kit.sweep (which needs Optuna)."""
+    code = "import sys, kit.ensemble, kit.predict, kit.evaluate, kit.report; print(any(m.startswith('kit.sweep') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_each_choice_list_is_defined_once():
+    from kit.recipe import TTA_MODES
+    from kit.tta import TTA_VIEWS
+    assert tuple(TTA_VIEWS) == TTA_MODES

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kit.data import channel_stats, load_dataset, read_test_pickle
-from kit.data import DEMO_TEST, DEMO_UNLABELLED, download_cifar, make_demo_data
+from kit.data import DEMO_TEST, DEMO_UNLABELLED, channel_stats, download_cifar, load_dataset, make_demo_data, read_test_pickle
 from kit.errors import KitError
 from kit.recipe import DataSpec
 
@@ -15,7 +14,7 @@ from kit.recipe import DataSpec
 def test_demo_data_is_the_cifar10_layout(demo_data):
     data = load_dataset(DataSpec(), demo_data)
     assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
-    assert len(data.val) == DEMO_TEST and len(data.train) == 1797 - DEMO_TEST - DEMO_UNLABELLED
+    assert len(data.held_out) == DEMO_TEST and len(data.train) == 1797 - DEMO_TEST - DEMO_UNLABELLED
     assert data.classes == [str(d) for d in range(10)]
     test = read_test_pickle(demo_data / "cifar_test_nolabel.pkl")
     assert len(test.ids) == DEMO_UNLABELLED and test.layout.startswith("(N, 32, 32, 3)")
@@ -31,15 +30,15 @@ def test_stratified_split_keeps_class_balance(demo_data):
     spec = DataSpec(validation="split", val_fraction=0.25, split_seed=3)
     data = load_dataset(spec, demo_data)
     full = load_dataset(DataSpec(), demo_data).train
-    assert len(data.train) + len(data.val) == len(full)
-    share = torch.bincount(data.val.labels, minlength=10) / torch.bincount(full.labels, minlength=10)
+    assert len(data.train) + len(data.held_out) == len(full)
+    share = torch.bincount(data.held_out.labels, minlength=10) / torch.bincount(full.labels, minlength=10)
     assert share.min() > 0.2 and share.max() < 0.3
-    assert torch.equal(load_dataset(spec, demo_data).val.labels, data.val.labels)  # same seed, same split
+    assert torch.equal(load_dataset(spec, demo_data).held_out.labels, data.held_out.labels)  # same seed, same split
 
 
 def test_test_split_is_the_test_batch(demo_data):
     spec = DataSpec(validation="split")
-    assert torch.equal(load_dataset(spec, demo_data, split="test").val.labels, load_dataset(DataSpec(), demo_data).val.labels)
+    assert torch.equal(load_dataset(spec, demo_data, held_out="test").held_out.labels, load_dataset(DataSpec(), demo_data).held_out.labels)
 
 
 def test_channel_stats_match_numpy():

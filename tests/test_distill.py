@@ -6,8 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, quiet, tiny_recipe
-from test_cli import assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, quiet, run, tiny_recipe
 
 from kit.checkpoint import read_payload
 from kit.distill import soft_loss
@@ -117,6 +116,6 @@ def test_bad_teachers_fail_in_one_line(trained_run, demo_data, tmp_path):
     ]
     for teachers, extra, fragments in cases:
         args = ["distill", demo, *[a for t in teachers for a in ("--teacher", t)], "--data-root", demo_data,
-                "--out", tmp_path / "runs", "--device", "cpu", *extra]
+                "--runs", tmp_path / "runs", "--device", "cpu", *extra]
         assert_one_line_error(*run(*args), *fragments)
     assert not list((tmp_path / "runs").glob("*/best.pt"))

@@ -22,10 +22,11 @@ def _kit(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kit.cli", *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(demo_data, tmp_path):
     recipe = ROOT / "recipes" / "demo.yaml"
-    one = _kit("train", recipe, "--data-root", demo_data, "--out", tmp_path / "one", *SETTINGS)
-    two = _kit("train", recipe, "--data-root", demo_data, "--out", tmp_path / "two", "--gpus", 2, *SETTINGS)
+    one = _kit("train", recipe, "--data-root", demo_data, "--runs", tmp_path / "one", *SETTINGS)
+    two = _kit("train", recipe, "--data-root", demo_data, "--runs", tmp_path / "two", "--gpus", 2, *SETTINGS)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
     assert "ranks agree: identical parameters in all 2 processes" in two.stdout
     assert two.stdout.count("run: ") == 1 and "2 processes" in two.stdout

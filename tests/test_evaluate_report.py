@@ -37,16 +37,18 @@ def test_evaluate_table_and_selection_file(trained_run, tmp_path):
 
 
 def test_evaluate_refuses_members_scored_on_different_images(trained_run, demo_data, tmp_path):
+    import dataclasses
+
+    from conftest import tiny_recipe
+
     from kit.recipe import load_recipe
     from kit.train import train
-    from conftest import tiny_recipe
-    import dataclasses
     recipe = tiny_recipe(train__epochs=1)
     split = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, validation="split"))
     other = train(split, data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
-    with pytest.raises(KitError, match="validates on other images than .*use --split test"):
+    with pytest.raises(KitError, match="validates on other images than .*use --held-out test"):
         evaluate([str(trained_run), str(other)], tta="none", device="cpu", echo=quiet)
-    table = evaluate([str(trained_run), str(other)], split="test", tta="none", device="cpu", echo=quiet)
+    table = evaluate([str(trained_run), str(other)], held_out="test", tta="none", device="cpu", echo=quiet)
     assert len(table) == 3 and load_recipe(other / "recipe.yaml").data.validation == "split"
 
 
@@ -72,7 +74,7 @@ def test_confused_pairs_are_ordered_by_count():
 
 
 def test_report_writes_every_part(trained_run, tmp_path):
-    (out,) = report([str(trained_run)], out=str(tmp_path), tta="flip", device="cpu", echo=quiet)
+    (out,) = report([str(trained_run)], report_dir=str(tmp_path), tta="flip", device="cpu", echo=quiet)
     assert {"per_class.csv", "confusion.csv", "confusion.png", "confused_pairs.csv", "curves.png", "REPORT.md"} <= {
         p.name for p in out.iterdir()}
     text = (out / "REPORT.md").read_text()
@@ -115,9 +117,9 @@ def test_check_submission_catches_each_defect(tmp_path, pkl, text, message):
 
 
 def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
-    from kit.evaluate import selection_split
+    from kit.evaluate import selection_halves
     labels = torch.arange(300) % 10
-    choose, report = selection_split(labels, 0.5)
+    choose, report = selection_halves(labels, 0.5)
     assert len(choose) == len(report) == 150 and not set(choose.tolist()) & set(report.tolist())
     assert torch.bincount(labels[choose]).tolist() == [15] * 10  # stratified
     lines = []
@@ -133,6 +135,6 @@ def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
     from kit.tta import tta_views
     checkpoint = load_checkpoint(trained_run, "best", torch.device("cpu"))
     data = load_dataset(checkpoint.recipe.data)
-    predicted = checkpoint.probs(data.val.images, tta_views("none"), 1000, Precision(torch.device("cpu"))).argmax(1)
-    _, report = selection_split(data.val.labels, 0.5)
-    assert table.top1.iloc[0] == pytest.approx((predicted[report] == data.val.labels[report]).float().mean().item())
+    predicted = checkpoint.probs(data.held_out.images, tta_views("none"), 1000, Precision(torch.device("cpu"))).argmax(1)
+    _, report = selection_halves(data.held_out.labels, 0.5)
+    assert table.top1.iloc[0] == pytest.approx((predicted[report] == data.held_out.labels[report]).float().mean().item())

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quiet, tiny_recipe
-from test_cli import assert_one_line_error, run
+from conftest import assert_one_line_error, quiet, run, tiny_recipe
 
 from kit.checkpoint import load_checkpoint, read_payload
 from kit.ema import CachedModelEma
@@ -43,6 +42,7 @@ def test_safetensors_without_kit_metadata_is_refused(tmp_path):
         read_payload(tmp_path / "plain.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_onnx_and_torchscript_match_torch(trained_run, tmp_path, fmt):
     lines = []

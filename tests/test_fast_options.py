@@ -9,8 +9,8 @@ from conftest import quiet, tiny_recipe
 
 from kit.augment import alternating_flip
 from kit.data import load_dataset
+from kit.engine import build_trainer
 from kit.models.resnet import ResNet, ResNetConfig, init_whitening, whiten_stem
-from kit.session import build_session
 from kit.train import train
 
 CPU = torch.device("cpu")
@@ -33,11 +33,11 @@ def test_whitening_stem_decorrelates_patches():
     assert whiten_stem(ResNet(ResNetConfig(blocks=(1,), channels=(16,)), 10)) is None
 
 
-def test_session_sets_the_whitening_filters(demo_data):
+def test_the_trainer_sets_the_whitening_filters(demo_data):
     recipe = _with_model_args(tiny_recipe(), stem="whiten")
     dataset = load_dataset(recipe.data, demo_data)
-    session = build_session(recipe, dataset, CPU, echo=quiet)
-    conv = whiten_stem(session.model)
+    trainer = build_trainer(recipe, dataset, CPU, echo=quiet)
+    conv = whiten_stem(trainer.model)
     expected = conv.weight.clone()
     images = dataset.train.images[:5000].float() / 255
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.mean, dataset.std))
@@ -67,13 +67,13 @@ def test_alternating_flip_alternates_per_image():
 
 def test_batchnorm_parameters_get_their_lr_scale(demo_data):
     recipe = tiny_recipe(optim__norm_lr_scale=8.0)
-    session = build_session(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
-    session.trainer.epoch(max_steps=2)
-    groups = session.optimizer.param_groups
+    trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
+    trainer.epoch(max_updates=2)
+    groups = trainer.optimizer.param_groups
     assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 8.0]
-    norms = {id(p) for m in session.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    norms = {id(p) for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert {id(p) for p in groups[1]["params"]} == norms
-    assert id(session.model.fc.bias) in {id(p) for p in groups[0]["params"]}  # the classifier keeps the base LR
+    assert id(trainer.model.fc.bias) in {id(p) for p in groups[0]["params"]}  # the classifier keeps the base LR
     assert groups[1]["lr"] == 8.0 * groups[0]["lr"] == 8.0 * 0.004
 
 

@@ -25,7 +25,11 @@ def test_registered_preset_forward_backward(name):
     _forward_backward(create_model(name, num_classes=10), 10)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+BIG = ("resnet18_cifar100_wide", "resnet18_cifar100_new_wide")  # 44M and 50M parameters
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in BIG else p for p in RECIPES],
+                         ids=lambda p: p.stem)
 def test_recipe_model_forward_backward(path):
     recipe = load_recipe(path)
     _forward_backward(build_model(recipe, str(path)), recipe.model.num_classes)

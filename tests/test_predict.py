@@ -13,8 +13,8 @@ from kit.checkpoint import load_checkpoint, read_payload
 from kit.data import read_test_pickle
 from kit.device import Precision
 from kit.engine import predict_probs
-from kit.errors import KitError
 from kit.ensemble import ensemble_probs
+from kit.errors import KitError
 from kit.predict import predict
 from kit.tta import TTA_VIEWS, mirror, translate, tta_views
 

@@ -19,7 +19,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _sweep_cmd(out, *args) -> list[str]:
-    return [sys.executable, "-m", "kit.cli", "sweep", DEMO, "--out", str(out), "--device", "cpu", *map(str, args)]
+    return [sys.executable, "-m", "kit.cli", "sweep", DEMO, "--sweeps", str(out), "--device", "cpu", *map(str, args)]
 
 
 def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path):
@@ -36,6 +36,8 @@ def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path):
     markdown = (folder / "results.md").read_text()
     best = saved.loc[saved.best_val_acc.idxmax()]
     assert f"Best: trial {best.trial} (" in markdown and best.run_dir in markdown and (folder / "curves.png").is_file()
+    listed = (folder / "completed_runs.txt").read_text().splitlines()  # what predict/evaluate read for the folder
+    assert sorted(listed) == sorted(saved.run_dir)
     # a sweep folder stands for its completed trials in kit evaluate --select
     evaluated = evaluate([str(folder)], tta="none", select=True, device="cpu", echo=quiet)
     assert list(evaluated.checkpoint[:4]) == [f"trial-000{i}" for i in range(4)]
@@ -88,6 +90,7 @@ def test_bad_space_file(tmp_path):
     assert parse_grid(("optim.lr=1e-3,0.1",)) == {"optim.lr": [0.001, 0.1]}
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_without_duplicates(demo_data, tmp_path):
     args = ("--set", "train.epochs=1", "--grid", "optim.lr=0.004,0.003,0.002,0.001", "--data-root", demo_data, "--no-prune")
     workers = [subprocess.Popen(_sweep_cmd(tmp_path, *args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -100,6 +103,7 @@ def test_two_processes_share_one_study_without_duplicates(demo_data, tmp_path):
     assert len(started) == 4  # each trial trained once, by one of the two
 
 
+@pytest.mark.slow
 def test_an_interrupted_trial_resumes_its_run(demo_data, tmp_path):
     args = ("--set", "train.epochs=4", "--grid", "optim.lr=0.004", "--data-root", demo_data, "--no-prune")
     worker = subprocess.Popen(_sweep_cmd(tmp_path, *args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -118,3 +122,23 @@ def test_an_interrupted_trial_resumes_its_run(demo_data, tmp_path):
     table = pd.read_csv(tmp_path / "demo" / "results.csv")
     assert table.state.tolist() == ["COMPLETE"] and table.epochs.tolist() == [4]
     assert list(pd.read_csv(metrics).epoch) == [1, 2, 3, 4]
+
+
+def test_the_optuna_internals_the_queue_relies_on(tmp_path):
+    """kit.sweep.queue claims trials through Optuna's storage (see its docstring); these are the behaviours it needs."""
+    import optuna
+    from optuna.trial import TrialState
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="pin", storage=f"sqlite:///{tmp_path / 'pin.db'}", direction="maximize")
+    study.enqueue_trial({"x": 1})
+    storage = study._storage  # the study's own storage (cache-wrapped for SQLite)
+    assert isinstance(storage, optuna.storages.BaseStorage)
+    study_id = storage.get_study_id_from_name("pin")
+    (waiting,) = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+    assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is True  # the first claim wins...
+    assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is False  # ...a second one is refused
+    trial = optuna.trial.Trial(study, trial_id)  # a Trial for a trial claimed by id
+    assert trial.suggest_categorical("x", [1, 2]) == 1  # the queued grid point
+    study.tell(trial, 0.5)
+    assert study.trials[0].state == TrialState.COMPLETE

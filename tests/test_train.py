@@ -1,13 +1,13 @@
 """The training engine on the CPU: it learns, writes every artifact, is deterministic, resumes
 bit-exactly, extends, stops early, stops on NaN; the LR schedules mean what the papers mean."""
 
+import copy
 import dataclasses
 
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, quiet, tiny_recipe
-from conftest import RECIPES
+from conftest import RECIPES, ROOT, quiet, tiny_recipe
 from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 
 from kit.errors import KitError
@@ -185,28 +185,64 @@ def test_eager_step_equals_a_plain_training_loop(demo_data):
     """The Trainer's update (fused optimizer, LR written on the device from the table), against the loop written
     out by hand in the usual order, on the same streams."""
     from kit.data import load_dataset
+    from kit.engine import build_trainer
     from kit.optim import clip_gradients
-    from kit.session import build_session
     recipe = tiny_recipe(optim__grad_clip=1.0, train__label_smoothing=0.1)
     dataset = load_dataset(recipe.data, demo_data)
-    ours = build_session(recipe, dataset, torch.device("cpu"), echo=quiet)
-    ours.trainer.epoch(max_steps=5)
-    ref = build_session(recipe, dataset, torch.device("cpu"), echo=quiet)  # same seeds: same weights, same streams
-    t = ref.trainer
-    order = torch.randperm(len(t.data), generator=t.order_gen)
+    ours = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)
+    ours.epoch(max_updates=5)
+    ref = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)  # same seeds: same weights, same streams
+    order = torch.randperm(len(ref.data), generator=ref.order_gen)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     ref.model.train()
-    for step in range(5):
-        index = order[step * t.batch_size:(step + 1) * t.batch_size]
-        inputs, targets = t.augment(t.data.images[index], t.data.labels[index], t.aug_gen)
+    for update in range(5):
+        index = order[update * ref.batch_size:(update + 1) * ref.batch_size]
+        inputs, targets = ref.augment(ref.data.images[index], ref.data.labels[index], ref.aug_gen)
         ref.optimizer.zero_grad()
         loss_fn(ref.model(inputs), targets).backward()
         clip_gradients(ref.model, recipe.optim)
         for group in ref.optimizer.param_groups:  # fused optimizers read their LR from a tensor
-            group["lr"].fill_(float(t.lr.table[step]))
+            group["lr"].fill_(float(ref.lr.table[update]))
         ref.optimizer.step()
         ref.ema.update(ref.model)
     for (name, a), b in zip(ours.model.state_dict().items(), ref.model.state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(ours.ema_model.state_dict().values(), ref.ema_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_better_weights_is_one_rule_for_numbers_and_columns():
+    from kit.checkpoint import better_weights
+    assert better_weights(0.5, 0.6) == (0.6, "ema") and better_weights(0.6, 0.6) == (0.6, "raw")
+    assert better_weights(0.5, float("nan")) == (0.5, "raw")  # no EMA
+    metrics = pd.DataFrame({"val_acc": [0.5, 0.7, 0.4], "ema_val_acc": [0.6, 0.6, float("nan")]})
+    scores, sources = better_weights(metrics.val_acc, metrics.ema_val_acc)
+    assert list(scores) == [0.6, 0.7, 0.4] and list(sources) == ["ema", "raw", "raw"]
+
+
+def test_weights_from_best_on_last_pt_is_that_epochs_better_weights(trained_run):
+    from kit.checkpoint import better_weights, checkpoint_from_payload, read_payload
+    payload = read_payload(trained_run / "last.pt")
+    last = pd.read_csv(trained_run / "metrics.csv").iloc[-1]
+    assert payload["weights_from"] == better_weights(last.val_acc, last.ema_val_acc)[1]
+    best = read_payload(trained_run / "best.pt")
+    assert best["weights_from"] == best["best_weights_from"]  # best.pt: its epoch is the best epoch
+    payload.update(weights_from="raw", best_weights_from="ema")  # the last epoch's choice differs from the best epoch's
+    assert checkpoint_from_payload(payload, trained_run / "last.pt", "best", torch.device("cpu")).weights_from == "raw"
+    del payload["weights_from"]  # a checkpoint written before 0.3
+    assert checkpoint_from_payload(payload, trained_run / "last.pt", "best", torch.device("cpu")).weights_from == "ema"
+
+
+def test_a_trainer_state_round_trips(demo_data):
+    """Trainer.state_dict/load_state_dict: a second trainer loaded from the first continues identically."""
+    from kit.data import load_dataset
+    from kit.engine import build_trainer
+    recipe = tiny_recipe()
+    dataset = load_dataset(recipe.data, demo_data)
+    first, second = (build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet) for _ in range(2))
+    first.epoch(max_updates=3)
+    assert second.load_state_dict(copy.deepcopy(first.state_dict()), epoch=0)
+    first.epoch(max_updates=2)
+    second.epoch(max_updates=2)
+    assert first.num_updates == second.num_updates == 5
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))

@@ -15,10 +15,9 @@ import torch
 from conftest import ROOT, quiet, tiny_recipe
 
 from kit.data import load_dataset
-from kit.engine import WARMUP_STEPS
+from kit.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
 from kit.hazards import find_hazards
 from kit.recipe import load_recipe
-from kit.session import build_session
 from kit.train import resume, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -28,61 +27,60 @@ UPDATES = 6  # after the warm-up: the first replays
 TIMING = ["seconds", "images_per_s"]
 
 
-def _session(name: str, demo_data, capture: bool, compile_mode: str = "none"):
+def _trainer(name: str, demo_data, capture: bool, compile_mode: str = "none"):
     """The recipe at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test_batch",
                                                                "train.batch_size=64"))
-    session = build_session(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
-    session.trainer.capture = capture and session.trainer.capture
-    return session
+    trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
+    trainer.capture = capture and trainer.capture
+    return trainer
 
 
 def _updates(trainer, n: int) -> None:
     trainer.forward_loss.train()
-    trainer.epoch(max_steps=n)
+    trainer.epoch(max_updates=n)
 
 
 @pytest.mark.parametrize("name", CIFAR10_RECIPES)
 def test_replay_equals_eager(name, demo_data):
-    captured, eager = _session(name, demo_data, capture=True), _session(name, demo_data, capture=False)
-    assert captured.trainer.capture, f"{name}: the update is not captured"
-    for session in (captured, eager):
-        _updates(session.trainer, WARMUP_STEPS + UPDATES)
-    assert captured.trainer.graph is not None
+    captured, eager = _trainer(name, demo_data, capture=True), _trainer(name, demo_data, capture=False)
+    assert captured.capture, f"{name}: the update is not captured"
+    for trainer in (captured, eager):
+        _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + UPDATES)
+    assert captured.graph is not None
     tol = dict(rtol=2e-2, atol=2e-3)  # bf16 autocast: the graph replays the eager kernels, cuDNN may pick others
     for (key, a), b in zip(captured.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name} {key}: {m}")
     if captured.ema is not None:
         for a, b in zip(captured.ema_model.state_dict().values(), eager.ema_model.state_dict().values()):
             torch.testing.assert_close(a.float(), b.float(), **tol)
-    torch.testing.assert_close(captured.trainer.loss_sum, eager.trainer.loss_sum, rtol=2e-2, atol=1e-2)
-    assert abs(int(captured.trainer.correct_sum) - int(eager.trainer.correct_sum)) <= 2
-    assert captured.trainer.num_updates == eager.trainer.num_updates == int(captured.trainer.update)
+    torch.testing.assert_close(captured.loss_sum, eager.loss_sum, rtol=2e-2, atol=1e-2)
+    assert abs(int(captured.correct_sum) - int(eager.correct_sum)) <= 2
+    assert captured.num_updates == eager.num_updates == int(captured.device_updates)
 
 
 @pytest.mark.parametrize("name", ["kit_fast", "kit_best"])
 def test_compiled_replay_equals_eager(name, demo_data):
-    captured, eager = _session(name, demo_data, True, "default"), _session(name, demo_data, False, "default")
-    for session in (captured, eager):
-        _updates(session.trainer, WARMUP_STEPS + 2)
+    captured, eager = _trainer(name, demo_data, True, "default"), _trainer(name, demo_data, False, "default")
+    for trainer in (captured, eager):
+        _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + 2)
     for a, b in zip(captured.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("name", CIFAR10_RECIPES)
-def test_no_sync_and_no_hazard_after_warmup(name, demo_data):
-    session = _session(name, demo_data, capture=True)
-    trainer = session.trainer
-    checked = _session(name, demo_data, capture=False).trainer
-    _updates(checked, WARMUP_STEPS)
-    hazards = find_hazards(checked.step)
+def test_no_sync_and_no_hazard_after_the_eager_updates(name, demo_data):
+    trainer = _trainer(name, demo_data, capture=True)
+    checked = _trainer(name, demo_data, capture=False)
+    _updates(checked, EAGER_UPDATES_BEFORE_CAPTURE)
+    hazards = find_hazards(checked.update)
     assert not hazards, "\n".join(map(str, hazards))
-    _updates(trainer, WARMUP_STEPS + 1)  # warm-up, capture, first replay
+    _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + 1)  # eager updates, capture, first replay
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(UPDATES):
-            trainer._one_update()
+            trainer.run_update()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -125,7 +123,7 @@ def test_an_adam_run_moves_between_devices(first, then, demo_data, tmp_path):
     seen = {}
 
     def check_optimizer(r):
-        steps = [s["step"] for s in r.s.optimizer.state.values()]
+        steps = [s["step"] for s in r.trainer.optimizer.state.values()]
         seen["devices"] = {s.device.type for s in steps}
         seen["dtypes"] = {s.dtype for s in steps}
 
