@@ -8,6 +8,7 @@ import click
 
 from kit import __version__
 from kit.errors import KitError
+from kit.faults import Stopped
 from kit.recipe import TTA_MODES, WEIGHTS_FROM
 
 HELD_OUT = ("val", "test")  # kit.data.HELD_OUT, without importing torch to parse arguments
@@ -17,7 +18,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the reposito
 
 class KitGroup(click.Group):
     """Turns KitError and OS errors (an unwritable output path, a full disk) into `error: ...` on stderr,
-    exit 2, no traceback. Keeps the command's own arguments (`ctx.meta["argv"]`) for `kit train --gpus N`."""
+    exit 2, no traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits 143/130. Keeps the command's own arguments (`ctx.meta["argv"]`) for `kit train --gpus N`."""
 
     def parse_args(self, ctx, args):
         ctx.meta["argv"] = list(args)
@@ -36,6 +37,9 @@ class KitGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: the last completed epoch's checkpoint is kept (kit train --resume RUN)", err=True)
             sys.exit(130)
+        except Stopped as err:  # a run saved its position on SIGTERM/SIGINT
+            click.echo(str(err), err=True)
+            sys.exit(err.exit_code)
 
 
 @click.group(cls=KitGroup)

@@ -60,6 +60,15 @@ def broadcast(value: Any, ranks: Ranks) -> Any:
     return box[0]
 
 
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """True on every rank when it is true on any (so that all ranks stop at the same update)."""
+    if ranks.world_size == 1:
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def gather(value: Any, ranks: Ranks) -> list:
     """Every rank's value, in rank order, on every rank."""
     if ranks.world_size == 1:

@@ -26,6 +26,7 @@ from kit.checkpoint import restore_rng, rng_state
 from kit.data import Dataset, Labelled
 from kit.device import Precision, captures, compiles, side_stream, synchronize, training_precision
 from kit.ema import CachedModelEma
+from kit.faults import fault_point
 from kit.optim import build_optimizer, clip_gradients, load_optimizer_state, make_capturable
 from kit.recipe import OptimSpec, Recipe
 from kit.schedule import LearningRate, Plateau, lr_table
@@ -54,6 +55,8 @@ class EpochResult:
     images: int
     seconds: float
     finite: bool
+    updates: int = 0  # done in this epoch (those before a resume included)
+    complete: bool = True  # False: stopped on request before the epoch's last update
 
 
 POSITION = ("order", "offset", "parity", "loss_sum", "correct_sum")  # where the epoch in progress stands
@@ -152,25 +155,33 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def epoch(self, max_updates: int | None = None, progress: Callable | None = None) -> EpochResult:
+    def epoch(self, max_updates: int | None = None, progress: Callable | None = None,
+              stop: Callable[[], bool] | None = None, start_at: int = 0) -> EpochResult:
         """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape);
-        statistics stay on the device until the end."""
+        statistics stay on the device until the end. `stop()` is asked between updates: when it answers True the
+        epoch ends early (`complete` False) with its position kept for `state_dict`. `start_at` > 0 continues an
+        epoch that stopped after that many updates (its permutation, position and sums restored by load_state_dict)."""
         self.forward_loss.train()
         updates = self.updates_per_epoch if max_updates is None else min(self.updates_per_epoch, max_updates)
-        torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
-        self.offset.fill_(self.rank * self.local_batch)
-        self.parity.fill_(self.num_updates // max(self.updates_per_epoch, 1) % 2)
-        self.loss_sum.zero_()
-        self.correct_sum.zero_()
-        start = time.perf_counter()
-        for _ in range(updates):
+        if start_at == 0:
+            torch.randperm(len(self.data), generator=self.order_gen, device=self.order_gen.device, out=self.order)
+            self.offset.fill_(self.rank * self.local_batch)
+            self.parity.fill_(self.num_updates // max(self.updates_per_epoch, 1) % 2)
+            self.loss_sum.zero_()
+            self.correct_sum.zero_()
+        start, done = time.perf_counter(), start_at
+        while done < updates:
+            fault_point(f"update:{self.num_updates}")
             self.run_update()
+            done += 1
             if progress is not None:
                 progress(self.local_batch, self.loss_sum)
-        loss_sum, correct, seen = self._totals(updates)
-        loss_value = loss_sum.item() / max(updates, 1)  # every batch has the same size: mean of batch means
+            if stop is not None and done < updates and stop():
+                break
+        loss_sum, correct, seen = self._totals(done)
+        loss_value = loss_sum.item() / max(done, 1)  # every batch has the same size: mean of batch means
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start,
-                           finite=bool(torch.isfinite(loss_sum).item()))
+                           finite=bool(torch.isfinite(loss_sum).item()), updates=done, complete=done == updates)
 
     def run_update(self) -> None:
         """The next update: replayed from the graph, or recorded first, or eager (before capture, or without it)."""

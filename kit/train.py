@@ -1,10 +1,17 @@
 """Wiring a run: recipe -> data + trainer -> epochs -> run directory (recipe.yaml, metrics.csv,
 best.pt, last.pt, curves.png). One path trains a new run or continues one from last.pt, bit-exactly (`train`
 and `resume` differ only in where they start). Under torchrun every rank trains its slice of each batch;
-rank 0 evaluates, writes and prints."""
+rank 0 evaluates, writes and prints.
+
+Nothing is lost at any moment. One save is one commit: metrics.csv and curves.png first, then best.pt when
+this epoch is the best, then last.pt, which also holds the metrics history; a resume rewrites metrics.csv and
+the curves from last.pt, so a file written ahead of last.pt never survives as history. A run directory without
+a checkpoint resumes from the start. SIGTERM and SIGINT stop at the next update boundary, save the position
+inside the epoch to last.pt, and exit 143 or 130; the resumed run continues from that update."""
 
 import dataclasses
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +28,7 @@ from kit.distill import resolve_teachers
 from kit.distributed import Ranks
 from kit.engine import EpochResult, Trainer, build_trainer, predict_probs, probs_loss_acc
 from kit.errors import KitError
+from kit.faults import Stopped, StopRequest, fault_point
 from kit.io import write_text
 from kit.plots import plot_curves
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
@@ -29,14 +37,18 @@ from kit.tensorboard import EpochLog
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s"]
 
 
-def new_run_dir(out_root: str | Path, name: str) -> Path:
-    """runs/<recipe>-<YYYYmmdd-HHMMSS>, with a suffix if that exists already."""
-    base = Path(out_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(out_root: str | Path, name: str, stamp: str | None = None) -> Path:
+    """runs/<recipe>-<YYYYmmdd-HHMMSS>, or with the next free suffix: claimed by creating it, so runs started in
+    the same second (one per GPU) each get their own."""
+    base = Path(out_root) / f"{name}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     run, n = base, 1
-    while run.exists():
-        run, n = base.with_name(f"{base.name}-{n}"), n + 1
-    run.mkdir(parents=True)
-    return run
+    while True:
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            run, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
 def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
@@ -59,8 +71,10 @@ class Run:
         self.epoch = 0  # epochs completed
         self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
         self.weights_from = "raw"  # the better of raw and EMA at the last completed epoch
+        self.in_epoch = 0  # updates done in the epoch in progress (non-zero only in a checkpoint saved on a signal)
         self.metrics = pd.DataFrame()
         self.log: EpochLog | None = None
+        self.stop = StopRequest()
 
     def payload(self) -> dict:
         """The checkpoint: the trainer's state and the run's (collective under torchrun: every rank's
@@ -70,7 +84,8 @@ class Run:
         return {**state, "epoch": self.epoch, "planned_epochs": self.recipe.train.epochs, "recipe": recipe_as_dict(self.recipe),
                 "classes": self.classes, "num_params": t.num_params, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_weights_from": self.best_weights_from,
-                "weights_from": self.weights_from, "world_size": self.ranks.world_size}
+                "weights_from": self.weights_from, "world_size": self.ranks.world_size, "in_epoch": self.in_epoch,
+                "metrics": self.metrics.to_dict("records")}
 
     def restore(self, payload: dict) -> None:
         """Continue from a last.pt, also one saved on another device (the tensors were mapped to the CPU on reading)."""
@@ -86,8 +101,14 @@ class Run:
             saved = f"{payload['rng'].get('generator_device', '?')} with {len(payload['rng'].get('augment', []))} process(es)"
             self.echo(f"note: the data streams were saved on {saved} and cannot continue on {t.order_gen.device.type} with "
                       f"{self.ranks.world_size}: they restart from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
-        metrics = pd.read_csv(self.dir / "metrics.csv")
-        self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)  # drop rows past last.pt
+        self.in_epoch = payload.get("in_epoch", 0)
+        if "metrics" in payload:  # the history as last.pt recorded it
+            self.metrics = pd.DataFrame(payload["metrics"], columns=METRIC_COLUMNS)
+        else:  # a checkpoint written before 0.3
+            metrics = pd.read_csv(self.dir / "metrics.csv")
+            self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)
+        if self.ranks.main:  # a metrics.csv written ahead of last.pt loses its extra rows now
+            self.write_metrics()
 
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
         probs = predict_probs(model, self.held_out.images, self.mean, self.std, [lambda x: x],
@@ -96,8 +117,11 @@ class Run:
 
     def train_epoch(self) -> EpochResult:
         t = self.trainer
+        stop = lambda: distributed.any_rank(bool(self.stop), self.ranks, t.prec.device)  # noqa: E731  (all ranks agree)
         with EpochProgress(self.epoch + 1, self.recipe.train.epochs, t.updates_per_epoch, self.ranks.main) as progress:
-            return t.epoch(progress=progress)
+            result = t.epoch(progress=progress, stop=stop, start_at=self.in_epoch)
+        self.in_epoch = 0 if result.complete else result.updates
+        return result
 
     def record(self, lr: float, result: EpochResult) -> dict:
         """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
@@ -124,14 +148,29 @@ class Run:
         return row
 
     def save(self) -> None:
+        """One commit: the derived files first, last.pt last (what it records is on disk beside it)."""
         payload = self.payload()
         if not self.ranks.main:
             return
+        if self.in_epoch == 0:
+            self.write_metrics()
+            fault_point("saved:metrics.csv")
+            if self.best_epoch == self.epoch:
+                save_checkpoint(payload, self.dir / "best.pt")
+                fault_point("saved:best.pt")
         save_checkpoint(payload, self.dir / "last.pt")
-        if self.best_epoch == self.epoch:
-            save_checkpoint(payload, self.dir / "best.pt")
+        fault_point("saved:last.pt")
+
+    def write_metrics(self) -> None:
         write_text(self.dir / "metrics.csv", self.metrics.to_csv(index=False))
         plot_curves(self.metrics, self.dir / "curves.png", self.recipe.name)
+
+    def stopped(self, where: str) -> Stopped:
+        """Save where the run stands (a signal arrived) and say how to go on."""
+        self.save()
+        name = "SIGTERM" if self.stop.signum == signal.SIGTERM else "SIGINT"
+        return Stopped(self.stop.signum, f"stopped by {name} {where}; saved in {self.dir / 'last.pt'}: "
+                                         f"continue with kit train --resume {self.dir}")
 
     def should_stop_early(self) -> bool:
         patience = self.recipe.train.early_stopping_patience
@@ -141,7 +180,7 @@ class Run:
         if self.recipe.train.log == "tensorboard" and self.ranks.main:
             self.log = EpochLog(self.dir, self.recipe.name, first_epoch=self.epoch + 1)
         try:
-            with deterministic(self.recipe.train.deterministic):
+            with deterministic(self.recipe.train.deterministic), self.stop.installed():
                 self._epochs(on_epoch_end)
         finally:
             if self.log is not None:
@@ -155,6 +194,9 @@ class Run:
         while self.epoch < self.recipe.train.epochs:
             lr = self.trainer.lr.at_epoch(self.epoch)
             result = self.train_epoch()
+            if not result.complete:
+                raise self.stopped(f"at update {self.trainer.num_updates} ({result.updates} of "
+                                   f"{self.trainer.updates_per_epoch} in epoch {self.epoch + 1})")
             if not result.finite:
                 raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "
                                f"the last good checkpoint is {self.dir / 'last.pt'} (epoch {self.epoch})")
@@ -162,6 +204,8 @@ class Run:
             row = self.record(lr, result)
             self.save()
             self.echo(_summary(row, self.recipe.train.epochs))
+            if distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device):
+                raise self.stopped(f"after epoch {self.epoch}")
             if on_epoch_end is not None:
                 on_epoch_end(self)
             if self.should_stop_early():
@@ -223,6 +267,11 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str 
         raise KitError(f"{run_dir}: not a run directory (no recipe.yaml)")
     recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
     recipe = resolve_teachers(recipe, str(run_dir / "recipe.yaml"))
+    for stale in run_dir.glob(".*.tmp"):  # a write that a kill cut short: never renamed into place
+        stale.unlink(missing_ok=True)
+    if not (run_dir / "last.pt").is_file():  # stopped before its first checkpoint: start it again, the same way
+        echo(f"{run_dir}: no checkpoint yet: training it from the start (its recipe.yaml, train.seed {recipe.train.seed})")
+        return fit(recipe, None, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end, echo=echo)
     payload = read_payload(run_dir / "last.pt")
     return fit(recipe, payload, run_dir=run_dir, device=device, on_epoch_end=on_epoch_end, echo=echo)
 
@@ -253,7 +302,8 @@ def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = Non
         run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
                  f"{len(dataset.held_out):,} validation images, {dev} {trainer.prec.dtype or 'fp32'}{processes}, run {run.dir}")
     else:
-        run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}")
+        inside = f", {run.in_epoch} updates into epoch {run.epoch + 1}" if run.in_epoch else ""
+        run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}{inside}")
     run.fit(on_epoch_end)
     return run.dir
 

@@ -183,7 +183,7 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
         if not locked:
             raise KitError(f"{run_dir}: another worker holds this trial")
         try:
-            if (run_dir / "last.pt").is_file():
+            if (run_dir / "recipe.yaml").is_file():  # started before: resume (from the start if it saved nothing)
                 say(f"resuming {run_dir}")
                 resume(run_dir, overrides=tuple(overrides), data_root=sweep.data_root, device=sweep.device,
                        on_epoch_end=report, echo=say)
