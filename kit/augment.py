@@ -1,6 +1,6 @@
 """Per-sample random augmentation done on whole batches on the device (no DataLoader, no host copies).
 
-Order: crop (zero or reflect padding) -> flip -> TrivialAugment/RandAugment -> sharpness -> rotation -> colour
+Order: crop (zero or reflect padding) -> flip -> TrivialAugment/RandAugment/AugMix -> sharpness -> rotation -> colour
 jitter -> normalize -> cutout -> random erasing -> mixup/cutmix.
 Every random draw comes from one torch.Generator on the device, so a run resumes bit-exactly.
 """
@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kit.autoaugment import magnitudes, rand_augment, sharpen, trivial_augment
+from kit.autoaugment import AUGMIX_OPS, OPS, augmix, magnitudes, rand_augment, sharpen, trivial_augment
 from kit.recipe import AugmentSpec
 
 
@@ -131,6 +131,7 @@ class BatchAugment:
         self.policy_table = None
         if spec.policy != "none":
             self.policy_table = magnitudes(spec.policy, 32).to(mean.device)
+        self.augmix_ops = torch.tensor([OPS.index(op) for op in AUGMIX_OPS], device=mean.device)  # made once, not per update
         self.mixup = None
         if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
             from timm.data import Mixup
@@ -151,6 +152,8 @@ class BatchAugment:
             x = trivial_augment(x, gen, self.policy_table)
         elif spec.policy == "randaugment":
             x = rand_augment(x, gen, self.policy_table, spec.randaugment_ops, spec.randaugment_magnitude)
+        elif spec.policy == "augmix":
+            x = augmix(x, gen, self.policy_table, self.augmix_ops, spec.augmix_magnitude, spec.augmix_width, spec.augmix_depth)
         if spec.sharpness_factor and spec.sharpness_prob:
             x = random_sharpness(x, spec.sharpness_factor, spec.sharpness_prob, gen)
         if spec.rotation_degrees:

@@ -138,12 +138,14 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 def _draw(table: torch.Tensor, bins: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's op, and its magnitude at `bins`, negated half the time for signed ops. `table` is
     magnitudes() on the device with a last column marking the signed ops (no host copy here: capturable)."""
-    n = len(bins)
-    op = torch.randint(0, len(OPS), (n,), generator=gen, device=gen.device)
-    signed = table[op, -1] > 0
-    flip = signed & (torch.rand(n, generator=gen, device=gen.device) <= 0.5)
+    op = torch.randint(0, len(OPS), (len(bins),), generator=gen, device=gen.device)
+    return op, _signed_magnitude(table, op, bins, gen)
+
+
+def _signed_magnitude(table: torch.Tensor, op: torch.Tensor, bins: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (table[op, -1] > 0) & (torch.rand(len(op), generator=gen, device=gen.device) <= 0.5)
     m = table[op, bins]
-    return op, torch.where(flip, -m, m)
+    return torch.where(flip, -m, m)
 
 
 def trivial_augment(x: torch.Tensor, gen: torch.Generator, table: torch.Tensor) -> torch.Tensor:
@@ -158,3 +160,37 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, table: torch.Tensor, num
     for _ in range(num_ops):
         x = apply_ops(x, *_draw(table, bins, gen))
     return x
+
+
+AUGMIX_OPS = ("AutoContrast", "Equalize", "Posterize", "Rotate", "Solarize", "ShearX", "ShearY", "TranslateX", "TranslateY")
+# AugMix's operations: none of them is a CIFAR-10-C corruption (no colour, contrast, brightness or sharpness)
+
+
+def augmix_weights(n: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: chain weights ~ Dirichlet(1, ..., 1) (normalized Exp(1) draws) and the share kept of the original
+    image ~ Beta(1, 1) (uniform). Alpha 1 is AugMix's default, and the one these draws from the run's own generator
+    give exactly (torch's Gamma sampler has no generator argument). (n, width) and (n,)."""
+    exp = -torch.log(torch.rand(n, width, generator=gen, device=gen.device).clamp_min(1e-12))
+    return exp / exp.sum(1, keepdim=True), torch.rand(n, generator=gen, device=gen.device)
+
+
+def augmix(x: torch.Tensor, gen: torch.Generator, table: torch.Tensor, ops: torch.Tensor, magnitude: int,
+           width: int = 3, depth: int = 3) -> torch.Tensor:
+    """AugMix (Hendrycks et al., 2020) per image: `width` chains, each of 1..`depth` ops drawn from `ops` (indices
+    into OPS, on the device) at magnitude bin `magnitude`, mixed by Dirichlet weights, then mixed with the image by
+    a Beta draw: m * x + (1 - m) * sum_i w_i chain_i(x). Shorter chains run Identity in their last rounds, so every
+    image runs the same kernels (capturable)."""
+    b = x.shape[0]
+    weights, keep = augmix_weights(b, width, gen)
+    lengths = torch.randint(1, depth + 1, (b, width), generator=gen, device=gen.device)
+    bins = torch.full((b,), magnitude, dtype=torch.long, device=gen.device)
+    mixed = torch.zeros_like(x)
+    for i in range(width):
+        chain = x
+        for j in range(depth):
+            op = ops.index_select(0, torch.randint(0, len(ops), (b,), generator=gen, device=gen.device))
+            op = torch.where(lengths[:, i] > j, op, torch.zeros_like(op))  # OPS[0] is Identity
+            chain = apply_ops(chain, op, _signed_magnitude(table, op, bins, gen))
+        mixed = mixed + weights[:, i].view(-1, 1, 1, 1) * chain
+    keep = keep.view(-1, 1, 1, 1)
+    return keep * x + (1 - keep) * mixed

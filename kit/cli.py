@@ -219,6 +219,22 @@ def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, device
 
 weights_from_option = click.option("--weights-from", type=click.Choice(WEIGHTS_FROM), default="best", show_default=True,
                                    help="Which weights of each checkpoint: the better of raw and EMA at its epoch, EMA or raw.")
+adapt_options = [
+    click.option("--adapt-bn", is_flag=True, help="Re-estimate each checkpoint's BatchNorm statistics on the images first "
+                                                   "(test-time adaptation for a shifted set; the files are unchanged)."),
+    click.option("--adapt-prior", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="N",
+                 help="With --adapt-bn: prior strength N of the training statistics (Schneider et al.): they weigh N/(N+n)."),
+]
+
+
+def with_options(options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
 held_out_option = click.option("--held-out", type=click.Choice(HELD_OUT), default="val", show_default=True,
                                help="The labelled images scored: val, each run's validation set; test, the labelled test set.")
 checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
@@ -232,13 +248,14 @@ checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
 @weights_from_option
 @click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one checkpoint) or submissions/ensemble.csv.")
 @click.option("--batch-size", default=1000, show_default=True)
+@with_options(adapt_options)
 @device_option
-def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, device):
+def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, adapt_bn, adapt_prior, device):
     """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test
     pickle; write ID,Labels CSV + probs."""
     from kit.predict import predict
     predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
-            batch_size=batch_size, device=device)
+            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior)
 
 
 @cli.command("evaluate")
@@ -254,14 +271,23 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
 @weights_from_option
 @click.option("--batch-size", default=1000, show_default=True)
+@with_options(adapt_options)
+@click.option("--corrupt", is_flag=True, help="Robustness instead: accuracy under 7 generated corruptions x severities 1-5, "
+                                              "with and without --adapt-bn, and whether adaptation helps.")
+@click.option("--plot", "plot_out", metavar="PNG", help="With --corrupt: the plot, one panel per corruption.")
 @device_option
 def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_on, select_out, csv_out, weights_from,
-                 batch_size, device):
+                 batch_size, adapt_bn, adapt_prior, corrupt, plot_out, device):
     """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
+    if corrupt:
+        from kit.robustness import robustness
+        robustness(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta or "none", weights_from=weights_from,
+                   prior=adapt_prior, batch_size=batch_size, device=device, csv_out=csv_out, plot_out=plot_out)
+        return
     from kit.evaluate import evaluate
     evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
              weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
-             select_on=select_on)
+             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior)
 
 
 @cli.command("export")

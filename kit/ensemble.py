@@ -2,6 +2,7 @@
 (equal, numbers, or a selection file from `kit evaluate --select`). `load_ensemble` is the one inference
 set-up predict, evaluate and report share: paths, device, precision, checkpoints, TTA views and blend."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ class Ensemble:
     tta: str
     views: list
     prec: Precision
+
+    def adapt_batchnorm(self, images: torch.Tensor, batch_size: int, prior: float = 0.0) -> None:
+        """Every checkpoint's BatchNorm statistics re-estimated on `images` (kit.adapt), in memory only."""
+        from kit.adapt import adapt_batchnorm
+        self.checkpoints = [dataclasses.replace(c, model=adapt_batchnorm(c.model, images, c.mean, c.std, self.prec, batch_size,
+                                                                         prior, c.path)) for c in self.checkpoints]
 
     def probs(self, images: torch.Tensor, batch_size: int, views: list | None = None) -> list[torch.Tensor]:
         """Each checkpoint's (N, K) probabilities on `images`, averaged over `views` (default: the ensemble's)."""

@@ -73,3 +73,30 @@ def plot_sweep(curves: dict, path: Path, title: str = "") -> None:
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
+    """Accuracy against severity, one panel per corruption: each checkpoint as trained (solid) and with its BatchNorm
+    statistics re-estimated on the corrupted images (dashed); severity 0 is the clean images."""
+    clean = table[table.severity == 0]
+    names = [c for c in table.corruption.unique() if c != "clean"]
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        for checkpoint, rows_of in table[table.corruption == name].groupby("checkpoint", sort=False):
+            start = clean[clean.checkpoint == checkpoint]
+            part = pd.concat([start, rows_of]).sort_values("severity")
+            line = ax.plot(part.severity, part.top1 * 100, marker=".", label=f"{checkpoint}")[0]
+            if part.top1_adapted.notna().any():
+                ax.plot(part.severity, part.top1_adapted * 100, marker=".", linestyle="--", color=line.get_color(),
+                        label=f"{checkpoint} + adapt-bn")
+        ax.set_title(name)
+        ax.set_xlabel("severity")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("top-1 (%)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, Path(path))

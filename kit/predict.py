@@ -19,12 +19,16 @@ def default_out(checkpoints: list[Checkpoint]) -> Path:
 
 def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str | None = None,
             weights_from: str = "best", out: str | None = None, batch_size: int = 1000, device: str = "auto",
-            echo: Callable[[str], None] = print) -> Path:
-    """Write the submission CSV and its .probs.npz; returns the CSV path."""
+            adapt_bn: bool = False, adapt_prior: float = 0.0, echo: Callable[[str], None] = print) -> Path:
+    """Write the submission CSV and its .probs.npz; returns the CSV path. `adapt_bn`: each checkpoint's BatchNorm
+    statistics are first re-estimated on the test images (blended with its own by the prior strength)."""
     test = read_test_pickle(test_path)  # validated before anything is loaded or written
     ensemble = load_ensemble(paths, weights_from, device, tta, blend)
-    checkpoints, weights, views = ensemble.checkpoints, ensemble.blend, ensemble.views
     start = time.perf_counter()
+    if adapt_bn:
+        ensemble.adapt_batchnorm(test.images, batch_size, adapt_prior)
+        echo(f"BatchNorm statistics re-estimated on the {len(test.ids):,} test images (prior strength {adapt_prior:g})")
+    checkpoints, weights, views = ensemble.checkpoints, ensemble.blend, ensemble.views
     per_checkpoint = ensemble.probs(test.images, batch_size)
     compute_seconds = time.perf_counter() - start  # probs come back on the CPU: the device work is done
     probs = ensemble_probs(per_checkpoint, weights)

@@ -99,9 +99,12 @@ class AugmentSpec:
     crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
     flip: bool = True
     alternate_flip: bool = False  # airbench: each image flipped in every other epoch, not by a fresh coin each epoch
-    policy: Literal["none", "trivialaugment", "randaugment"] = "none"  # per-sample op and magnitude
+    policy: Literal["none", "trivialaugment", "randaugment", "augmix"] = "none"  # per-sample op and magnitude
     randaugment_ops: int = positive(2)  # N
     randaugment_magnitude: int = field(default=9, metadata={"min": 0, "max": 30})  # M: a bin of 31
+    augmix_magnitude: int = field(default=9, metadata={"min": 0, "max": 30})  # a bin of 31 (RandAugment's table)
+    augmix_width: int = positive(3)  # chains mixed per image
+    augmix_depth: int = positive(3)  # each chain draws 1..depth ops
     sharpness_factor: float = non_negative(0.0)  # torchvision's RandomAdjustSharpness; 0: off
     sharpness_prob: float = field(default=0.0, metadata={"min": 0, "max": 1})
     rotation_degrees: float = field(default=0.0, metadata={"min": 0, "max": 180})

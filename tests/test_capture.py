@@ -50,6 +50,7 @@ EXTRA_CASES = {  # options no shipped recipe combines, each on the demo recipe
     "randaugment+sharpness+rotation+jitter+cutout": ("augment.policy=randaugment", "augment.sharpness_factor=2",
                                                      "augment.sharpness_prob=0.5", "augment.rotation_degrees=15",
                                                      "augment.color_jitter=0.3", "augment.cutout_size=8"),
+    "augmix": ("augment.policy=augmix", "augment.augmix_width=2"),
     "erasing-const-reflect": ("augment.erasing_prob=0.5", "augment.erasing_mode=const", "augment.crop_padding_mode=reflect"),
     "erasing-rand": ("augment.erasing_prob=0.5", "augment.erasing_mode=rand"),
     "whitening+alternating-flip": ("model.name=resnet", "model.args.stem=whiten", "model.args.blocks=[1,1]",
