@@ -12,6 +12,7 @@
 # Phases chain in one call:  bash .ci/gpu-results.sh checkup && bash .ci/gpu-results.sh seeds 150 kit_fast 3 && ...
 #   checkup                    versions, pytest -m gpu, the demo trained then resumed, one bench row (<= 5 minutes)
 #   bench RECIPE...            kit bench at each recipe's batch (the README's bench table)
+#   precision RECIPE           kit bench of one recipe captured in bf16 and in fp16 (loss scaling inside the graph)
 #   train SECONDS RECIPE...    train the recipes side by side, each stopped after SECONDS at most
 #   seeds SECONDS RECIPE N     N seeds of one recipe side by side (mean and spread)
 #   distill SECONDS STUDENT    the student distilled from every finished CIFAR-10 run, and the same without teachers
@@ -78,6 +79,7 @@ case "$phase" in
   rehearse) KIT_REHEARSAL=1 bash "$0" checkup ;;
   checkup)
     setup > "$OUT/checkup.log" 2>&1; cat "$OUT/checkup.log"
+    kit doctor recipes/kit_fast.yaml 2>&1 | tee -a "$OUT/checkup.log"
     python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee -a "$OUT/checkup.log"
     kit train recipes/demo.yaml --data-root "$DATA" --runs "$WORK/runs/checkup" --set train.epochs=2 2>&1 | tee -a "$OUT/checkup.log"
     kit train --resume "$(ls -d "$WORK"/runs/checkup/demo-* | head -1)" --set train.epochs=3 2>&1 | tee -a "$OUT/checkup.log"
@@ -87,6 +89,11 @@ case "$phase" in
   bench)
     setup > "$OUT/bench.log" 2>&1
     for r in "$@"; do kit bench recipes/$r.yaml --updates 200 --untimed 20 --data-root "$DATA" "${SETS[@]}" 2>&1 | tee -a "$OUT/bench.log"; done
+    ;;
+  precision)
+    setup > "$OUT/precision.log" 2>&1
+    for p in bf16 fp16; do kit bench recipes/$1.yaml --precision $p --updates 200 --untimed 20 --data-root "$DATA" "${SETS[@]}" \
+      2>&1 | tee -a "$OUT/precision.log"; done
     ;;
   train)
     setup > "$OUT/train.log" 2>&1; seconds=$1; shift
@@ -152,6 +159,6 @@ EOF
     /usr/bin/time -f "whole command: %e s" python3 -m kit.cli predict $runs --test "$WORK/test10k.pkl" --tta flip \
       --out "$WORK/speed.csv" 2>&1 | tee -a "$OUT/predict-speed.log"
     ;;
-  *) echo "usage: $0 carry | rehearse | checkup | bench RECIPE... | train SECONDS RECIPE... | seeds SECONDS RECIPE N |" \
+  *) echo "usage: $0 carry | rehearse | checkup | bench RECIPE... | precision RECIPE | train SECONDS RECIPE... | seeds SECONDS RECIPE N |" \
           "distill SECONDS STUDENT | sweep SECONDS | finish | predict-speed" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from kit.data import Dataset as KitDataset
 from kit.data import Labelled, load_dataset
-from kit.device import resolve_device, training_precision
+from kit.device import choose_precision, resolve_device, training_precision
 from kit.engine import Trainer, build_trainer, seed_everything
 from kit.models import build_model
 from kit.optim import build_optimizer
@@ -207,7 +207,7 @@ def bench(recipe: Recipe, updates: int = 50, batch_size: int | None = None, data
          f"{'' if data_root else ', synthetic images'}")
     kit_rate = bench_kit(recipe, data, dev, updates, untimed)
     capture = t.cuda_graph and dev.type == "cuda"
-    echo(f"kit engine  ({t.precision if dev.type == 'cuda' else 'fp32'}, channels_last {t.channels_last and dev.type == 'cuda'}, "
+    echo(f"kit engine  ({choose_precision(t.precision, dev)[0]}, channels_last {t.channels_last and dev.type == 'cuda'}, "
          f"compile {t.compile if dev.type == 'cuda' else 'none'}, cuda_graph {capture}): {kit_rate:,.0f} images/s")
     base_rate = bench_baseline(recipe, data, dev, updates, untimed)
     echo(f"baseline    (torchvision transforms + DataLoader(num_workers=2), fp32): {base_rate:,.0f} images/s")

@@ -55,6 +55,17 @@ tta_option = click.option("--tta", type=click.Choice(TTA_MODES),
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
+def _device_list(ctx, param, value) -> tuple[str, ...]:
+    return tuple(d.strip() for d in value.split(",") if d.strip()) if value else ()
+
+
+devices_option = click.option("--devices", callback=_device_list, metavar="I,J,...",
+                              help="GPUs to spread the processes over (CUDA indices), each process pinned to one.")
+precision_option = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+                                show_default=True, help="auto: bf16 where the GPU runs it natively, fp16 on compute "
+                                                        "capability 7.x (T4, V100), fp32 below and on the CPU.")
+
+
 def _recipe_files(paths: tuple[str, ...]) -> list[Path]:
     if paths:
         return [Path(p) for p in paths]
@@ -87,8 +98,11 @@ def params_cmd(recipe, overrides):
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
+@click.option("--seeds", metavar="S1,S2,...", help="Train one run per seed instead (RECIPE-sS), spread over --devices.")
+@devices_option
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="With --seeds: runs at once per device.")
 @device_option
-def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, device):
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, seeds, devices, jobs, device):
     """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device).
     Under torchrun (or with --gpus N) every process trains its slice of each batch; rank 0 writes."""
     from kit import distributed
@@ -96,6 +110,10 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, dev
     from kit.train import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
+    if seeds:
+        _train_seeds(recipe, seeds, devices, jobs, tuple(overrides) + ((f"train.log={log}",) if log else ()), data_root,
+                     out_root, device, gpus)
+        return
     if gpus > 1 and "LOCAL_RANK" not in os.environ:  # this very command again, one process per GPU, under torchrun
         sys.exit(distributed.launch(gpus, _without_gpus(click.get_current_context())))
     overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
@@ -103,6 +121,22 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, dev
         _run_and_print(lambda: resume(resume_dir, overrides=overrides, data_root=data_root, device=device))
     else:
         _run_and_print(lambda: train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device))
+
+
+def _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, device, gpus) -> None:
+    from kit.recipe import load_recipe
+    from kit.seeds import train_seeds
+    if gpus > 1:
+        raise KitError("--seeds trains one process per run: use --devices to spread them, not --gpus")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise KitError(f"--seeds {seeds}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    name = load_recipe(recipe, overrides).name  # validated once here, before any process starts
+    finished = train_seeds(recipe, name, seed_list, devices, jobs, overrides, data_root, out_root, device, echo=click.echo)
+    failed = [r.seed for r in finished if r.code != 0]
+    if failed:
+        raise KitError(f"seeds {', '.join(map(str, failed))} failed: see their logs in {out_root}")
 
 
 def _without_gpus(ctx: click.Context) -> list[str]:
@@ -160,13 +194,14 @@ def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
 @click.option("--sweeps", "out_root", default="sweeps", show_default=True, help="Sweep folders go here.")
 @click.option("--study", "study_name", help="Optuna study name (default: the sweep's name).")
 @click.option("--storage", metavar="URL", help="Database URL or journal file shared by workers (default: SQLite in the sweep folder).")
-@click.option("--jobs", default=1, show_default=True, help="Trials trained at once by this command.")
+@click.option("--jobs", default=1, show_default=True, help="Trials trained at once by this command (per GPU with --devices).")
 @click.option("--no-prune", is_flag=True, help="Train every trial to the end.")
 @click.option("--prune-startup", default=4, show_default=True, help="Trials that finish before the median pruner acts.")
 @click.option("--data-root", metavar="DIR")
+@devices_option
 @device_option
 def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name, storage, jobs, no_prune, prune_startup,
-              data_root, device):
+              data_root, devices, device):
     """Train RECIPE's variants as Optuna trials; write sweeps/<name>/results.csv, results.md and curves.png.
     The same command continues an interrupted sweep."""
     import optuna
@@ -175,7 +210,7 @@ def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep(recipe, overrides=tuple(overrides), grid=tuple(grid), space=space, trials=trials, name=name, out_root=out_root,
           study_name=study_name, storage=storage, jobs=jobs, prune=not no_prune, prune_startup=prune_startup,
-          data_root=data_root, device=device)
+          data_root=data_root, device=device, devices=devices)
 
 
 @cli.group("data")
@@ -207,13 +242,16 @@ def data_download_cmd(dataset, out_dir):
 @click.option("--untimed", default=10, show_default=True, help="Untimed updates first (compilation, graph capture).")
 @click.option("--batch-size", type=int, help="Measure both loops at this batch size instead of the recipe's.")
 @click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+              help="The kit engine's precision (default: the recipe's train.precision).")
 @device_option
-def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, device):
+def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precision, device):
     """Training images/s of the kit engine vs a seed-style DataLoader loop and their ratio, the eager update's
     breakdown (augmentation, forward + backward, optimizer + EMA) and the model's floor (FLOPs, activation bytes)."""
     from kit.bench import bench
     from kit.recipe import load_recipe
-    bench(load_recipe(recipe, tuple(overrides)), updates=updates, batch_size=batch_size, data_root=data_root, device=device,
+    overrides = tuple(overrides) + ((f"train.precision={precision}",) if precision else ())
+    bench(load_recipe(recipe, overrides), updates=updates, batch_size=batch_size, data_root=data_root, device=device,
           untimed=untimed)
 
 
@@ -249,13 +287,14 @@ checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one checkpoint) or submissions/ensemble.csv.")
 @click.option("--batch-size", default=1000, show_default=True)
 @with_options(adapt_options)
+@precision_option
 @device_option
-def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, adapt_bn, adapt_prior, device):
+def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, adapt_bn, adapt_prior, precision, device):
     """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test
     pickle; write ID,Labels CSV + probs."""
     from kit.predict import predict
     predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
-            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior)
+            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision)
 
 
 @cli.command("evaluate")
@@ -275,19 +314,21 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @click.option("--corrupt", is_flag=True, help="Robustness instead: accuracy under 7 generated corruptions x severities 1-5, "
                                               "with and without --adapt-bn, and whether adaptation helps.")
 @click.option("--plot", "plot_out", metavar="PNG", help="With --corrupt: the plot, one panel per corruption.")
+@precision_option
 @device_option
 def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_on, select_out, csv_out, weights_from,
-                 batch_size, adapt_bn, adapt_prior, corrupt, plot_out, device):
+                 batch_size, adapt_bn, adapt_prior, corrupt, plot_out, precision, device):
     """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
     if corrupt:
         from kit.robustness import robustness
         robustness(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta or "none", weights_from=weights_from,
-                   prior=adapt_prior, batch_size=batch_size, device=device, csv_out=csv_out, plot_out=plot_out)
+                   prior=adapt_prior, batch_size=batch_size, device=device, csv_out=csv_out, plot_out=plot_out,
+                   precision=precision)
         return
     from kit.evaluate import evaluate
     evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
              weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
-             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior)
+             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision)
 
 
 @cli.command("export")
@@ -318,11 +359,23 @@ def check_submission_cmd(csv_path, test_path, num_classes):
 @click.option("--report-dir", metavar="DIR", help="Write DIR/<run>/ (default: RUN/report/).")
 @held_out_option
 @tta_option
+@precision_option
 @device_option
-def report_cmd(checkpoints, data_root, report_dir, held_out, tta, device):
+def report_cmd(checkpoints, data_root, report_dir, held_out, tta, precision, device):
     """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per checkpoint."""
     from kit.report import report
-    report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device)
+    report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device,
+           precision=precision)
+
+
+@cli.command("doctor")
+@click.argument("recipe", required=False)
+@device_option
+def doctor_cmd(recipe, device):
+    """What kit will do on this machine: device, capability, torch/CUDA and kernels, precision, whether RECIPE's
+    update is one CUDA graph, free memory, optional packages, and advice where they disagree."""
+    from kit.doctor import doctor
+    doctor(recipe, device=device)
 
 
 @cli.command("demo")

@@ -16,6 +16,7 @@ import torch
 from kit.errors import KitError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision and --precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,16 +45,46 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """The precision a device runs (name, why). `auto`: bf16 where the GPU runs it natively (compute capability
+    8.0 and up: A100, L4, H100), fp16 on 7.x (V100, T4: bf16 there is emulated, slow or failing), fp32 below; the
+    CPU always runs fp32 (CPU autocast is slow). An explicit choice stands on CUDA."""
+    if device.type != "cuda":
+        return "fp32", "the CPU trains and predicts in fp32"
+    if requested != "auto":
+        return requested, f"as asked ({requested})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16", f"auto: compute capability {major}.{minor} runs bf16 natively"
+    if major >= 7:
+        return "fp16", f"auto: compute capability {major}.{minor} has no native bf16; fp16 with loss scaling"
+    return "fp32", f"auto: compute capability {major}.{minor} has neither native bf16 nor fast fp16"
+
+
 def training_precision(precision: str, channels_last: bool, device: torch.device) -> Precision:
-    """bf16/fp16 autocast and channels_last on CUDA; plain fp32 on the CPU (CPU autocast is slow)."""
+    """The autocast dtype (`choose_precision`) and channels_last on CUDA; plain fp32 NCHW on the CPU."""
+    name, _ = choose_precision(precision, device)
     if device.type != "cuda":
         return Precision(device)
-    return Precision(device, DTYPES[precision], channels_last)
+    return Precision(device, DTYPES[name], channels_last)
 
 
-def inference_precision(device: torch.device) -> Precision:
-    """What predict, evaluate and report run in: bf16 on CUDA, fp32 on the CPU."""
-    return Precision(device, torch.bfloat16 if device.type == "cuda" else None)
+def inference_precision(device: torch.device, precision: str = "auto") -> Precision:
+    """What predict, evaluate and report run in: the same rule as training (`choose_precision`)."""
+    return Precision(device, DTYPES[choose_precision(precision, device)[0]])
+
+
+def worker_devices(devices: tuple[str, ...], per_device: int) -> list[str | None]:
+    """One entry per worker process: each device `per_device` times, round-robin (None: no device pinning)."""
+    if not devices:
+        return [None] * per_device
+    return [devices[i % len(devices)] for i in range(len(devices) * per_device)]
+
+
+def pin_device(device: str | None) -> None:
+    """Make `device` (a CUDA index or UUID) the only GPU this process sees, as `cuda:0`. Call before CUDA starts."""
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 def compiles(device: torch.device) -> bool:

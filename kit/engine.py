@@ -55,11 +55,12 @@ class EpochResult:
     images: int
     seconds: float
     finite: bool
+    skipped: int = 0  # fp16: updates the loss scaler skipped (a non-finite gradient)
     updates: int = 0  # done in this epoch (those before a resume included)
     complete: bool = True  # False: stopped on request before the epoch's last update
 
 
-POSITION = ("order", "offset", "parity", "loss_sum", "correct_sum")  # where the epoch in progress stands
+POSITION = ("order", "offset", "parity", "loss_sum", "correct_sum", "skipped_sum")  # where the epoch in progress stands
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Trainer:
         self.parity = torch.zeros((), dtype=torch.long, device=device)  # the epoch's parity, for alternating flips
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped_sum = torch.zeros((), device=device)  # fp16: updates skipped for a non-finite gradient
         self._lane = torch.arange(self.local_batch, device=device)
         self._eager_updates = 0  # since this Trainer was built: a resumed run also runs eager updates before capture
 
@@ -147,9 +149,11 @@ class Trainer:
         """Clip, optimizer step at this update's LR, EMA."""
         clip_gradients(self.model, self.clip)
         self.lr.write(self.device_updates, self.num_updates)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.scaler is not None:  # fused optimizers take the scale and the inf flag as device tensors: no host read
+            self.scaler.step(self.optimizer)  # skipped (weights, moments and step count unchanged) on a non-finite gradient
+            # GradScaler keeps this update's inf flags per device until update(); pinned by tests/test_precision.py
+            self.skipped_sum += sum(self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+            self.scaler.update()  # halves the scale after a skip, grows it after `growth_interval` clean updates
         else:
             self.optimizer.step()
         if self.ema is not None:
@@ -169,6 +173,7 @@ class Trainer:
             self.parity.fill_(self.num_updates // max(self.updates_per_epoch, 1) % 2)
             self.loss_sum.zero_()
             self.correct_sum.zero_()
+            self.skipped_sum.zero_()
         start, done = time.perf_counter(), start_at
         while done < updates:
             fault_point(f"update:{self.num_updates}")
@@ -181,7 +186,8 @@ class Trainer:
         loss_sum, correct, seen = self._totals(done)
         loss_value = loss_sum.item() / max(done, 1)  # every batch has the same size: mean of batch means
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start,
-                           finite=bool(torch.isfinite(loss_sum).item()), updates=done, complete=done == updates)
+                           finite=bool(torch.isfinite(loss_sum).item()), skipped=int(self.skipped_sum.item()),
+                           updates=done, complete=done == updates)
 
     def run_update(self) -> None:
         """The next update: replayed from the graph, or recorded first, or eager (before capture, or without it)."""
@@ -261,16 +267,13 @@ class Trainer:
         return loss_sum, correct, seen
 
 
-def graph_blocker(*, cuda_graph: bool, mixup: bool, fp16: bool, optimizer: torch.optim.Optimizer,
-                  world_size: int) -> str | None:
+def graph_blocker(*, cuda_graph: bool, mixup: bool, optimizer: torch.optim.Optimizer, world_size: int) -> str | None:
     """Why the update cannot be captured as a CUDA graph (None: it can). The same answer on every device: the
     CPU runs the capturable update too (`kit.device.captures` says where it is then recorded)."""
     if not cuda_graph:
         return "train.cuda_graph: false"
     if mixup:
         return "augment.mixup_alpha/cutmix_alpha: timm's Mixup draws its mixing on the host"
-    if fp16:
-        return "train.precision: fp16: the gradient scaler checks for inf on the host"
     if world_size > 1:
         return "several processes: DistributedDataParallel's gradient hooks are not captured"
     if not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
@@ -333,9 +336,11 @@ def build_trainer(recipe: Recipe, dataset: Dataset, device: torch.device, source
     plateau = Plateau.build(recipe.schedule, recipe.optim.lr, spec.epochs) if recipe.schedule.name == "plateau" else None
     lr = LearningRate(lr_table(recipe.schedule, recipe.optim.lr, spec.epochs, updates_per_epoch), optimizer, device,
                       updates_per_epoch, plateau)
-    scaler = torch.amp.GradScaler("cuda") if prec.dtype == torch.float16 else None
+    # fp16 asked for, or chosen: dynamic loss scaling, on the CPU too (there in fp32 math: the same update's code)
+    fp16 = spec.precision == "fp16" or prec.dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
     blocker = graph_blocker(cuda_graph=spec.cuda_graph, mixup=bool(recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha),
-                            fp16=scaler is not None, optimizer=optimizer, world_size=world_size)
+                            optimizer=optimizer, world_size=world_size)
     if blocker is None:
         make_capturable(optimizer)  # on every device: the CPU runs the update CUDA captures
     elif captures(device):

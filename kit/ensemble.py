@@ -39,14 +39,14 @@ class Ensemble:
 
 
 def load_ensemble(paths: list[str], weights_from: str = "best", device: str = "auto", tta: str | None = None,
-                  blend: str | None = None) -> Ensemble:
+                  blend: str | None = None, precision: str = "auto") -> Ensemble:
     """Checkpoints (run directories, files, folders listing runs) on the device, with the TTA views (default: the
     first checkpoint's recipe's) and the blend (numbers or a selection file)."""
     dev = resolve_device(device)
     paths = expand_paths(paths)
     checkpoints = load_checkpoints(paths, weights_from, dev)
     tta = tta or checkpoints[0].recipe.predict.tta
-    return Ensemble(paths, checkpoints, parse_blend(blend, paths), tta, tta_views(tta), inference_precision(dev))
+    return Ensemble(paths, checkpoints, parse_blend(blend, paths), tta, tta_views(tta), inference_precision(dev, precision))
 
 
 def expand_paths(paths: list[str]) -> list[str]:

@@ -91,12 +91,12 @@ def _subset(scored: Scored, index: torch.Tensor) -> Scored:
 def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int = 1000, device: str = "auto", select_on: float = 1.0, adapt_bn: bool = False,
-             adapt_prior: float = 0.0, echo: Callable[[str], None] = print) -> pd.DataFrame:
+             adapt_prior: float = 0.0, precision: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
     `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
     others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
     for its completed trials."""
-    ensemble = load_ensemble(paths, weights_from, device, tta)
+    ensemble = load_ensemble(paths, weights_from, device, tta, precision=precision)
     paths, checkpoints, tta = ensemble.paths, ensemble.checkpoints, ensemble.tta
     data = scored_images(checkpoints, data_root, held_out)
     if adapt_bn:  # the labelled images stand in for the unlabelled set: their labels are not used for it

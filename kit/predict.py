@@ -19,11 +19,12 @@ def default_out(checkpoints: list[Checkpoint]) -> Path:
 
 def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str | None = None,
             weights_from: str = "best", out: str | None = None, batch_size: int = 1000, device: str = "auto",
-            adapt_bn: bool = False, adapt_prior: float = 0.0, echo: Callable[[str], None] = print) -> Path:
+            adapt_bn: bool = False, adapt_prior: float = 0.0, precision: str = "auto",
+            echo: Callable[[str], None] = print) -> Path:
     """Write the submission CSV and its .probs.npz; returns the CSV path. `adapt_bn`: each checkpoint's BatchNorm
     statistics are first re-estimated on the test images (blended with its own by the prior strength)."""
     test = read_test_pickle(test_path)  # validated before anything is loaded or written
-    ensemble = load_ensemble(paths, weights_from, device, tta, blend)
+    ensemble = load_ensemble(paths, weights_from, device, tta, blend, precision)
     start = time.perf_counter()
     if adapt_bn:
         ensemble.adapt_batchnorm(test.images, batch_size, adapt_prior)

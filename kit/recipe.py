@@ -84,7 +84,7 @@ class TrainSpec:
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     ema_decay: float | None = fraction(None)  # per update; null: no EMA
     early_stopping_patience: int | None = positive(None)  # epochs without a new best validation accuracy
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA only; the CPU always trains in fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 if native, fp16 on 7.x, else fp32 (CPU: fp32)
     channels_last: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile of model + loss (CUDA)
     cuda_graph: bool = True  # CUDA: capture the whole update once and replay it (falls back to eager, saying why)

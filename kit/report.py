@@ -45,10 +45,10 @@ class RunScores:
     predicted: np.ndarray  # with the best weights and TTA
 
 
-def score_run(path: str, data_root: str | None, held_out: str, tta: str | None,
-              device: str) -> tuple[Checkpoint, np.ndarray, RunScores]:
+def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, device: str,
+              precision: str = "auto") -> tuple[Checkpoint, np.ndarray, RunScores]:
     """Accuracy of raw, EMA and best-weights-with-TTA (default: the recipe's views) on the run's held-out data."""
-    ensemble = load_ensemble([path], "best", device, tta)
+    ensemble = load_ensemble([path], "best", device, tta, precision=precision)
     (best,), tta, prec = ensemble.checkpoints, ensemble.tta, ensemble.prec
     device = prec.device
     payload = read_payload(path)
@@ -67,9 +67,10 @@ def score_run(path: str, data_root: str | None, held_out: str, tta: str | None,
     return best, labels, RunScores(raw_acc, ema_acc, tta_acc, tta, predicted)
 
 
-def report_run(path: str, out_dir: Path, data_root: str | None, held_out: str, tta: str | None, device: str) -> Path:
+def report_run(path: str, out_dir: Path, data_root: str | None, held_out: str, tta: str | None, device: str,
+               precision: str = "auto") -> Path:
     """Write the per-class tables, confusion matrix, curves and REPORT.md of one run into out_dir."""
-    checkpoint, labels, scores = score_run(path, data_root, held_out, tta, device)
+    checkpoint, labels, scores = score_run(path, data_root, held_out, tta, device, precision)
     classes = checkpoint.classes
     matrix = confusion_matrix(labels, scores.predicted, labels=list(range(len(classes))))
     per_class = per_class_table(labels, scores.predicted, classes)
@@ -117,12 +118,14 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def report(paths: list[str], data_root: str | None = None, report_dir: str | None = None, held_out: str = "val",
-           tta: str | None = None, device: str = "auto", echo: Callable[[str], None] = print) -> list[Path]:
+           tta: str | None = None, device: str = "auto", precision: str = "auto",
+           echo: Callable[[str], None] = print) -> list[Path]:
     """One report folder per checkpoint: RUN/report/ by default, or REPORT_DIR/<run name>/."""
     written = []
     for path in paths:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         out_dir = Path(report_dir) / base.name if report_dir else base / "report"
-        written.append(report_run(path, out_dir, data_root=data_root, held_out=held_out, tta=tta, device=device))
+        written.append(report_run(path, out_dir, data_root=data_root, held_out=held_out, tta=tta, device=device,
+                                  precision=precision))
         echo(f"report: {out_dir / 'REPORT.md'}")
     return written

@@ -39,9 +39,9 @@ def score_under_shift(checkpoint: Checkpoint, images: torch.Tensor, labels: torc
 def robustness(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = "none",
                weights_from: str = "best", corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
                prior: float = 0.0, seed: int = 0, batch_size: int = 1000, device: str = "auto", csv_out: str | None = None,
-               plot_out: str | None = None, echo: Callable[[str], None] = print) -> pd.DataFrame:
+               plot_out: str | None = None, precision: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
     """The table (one row per checkpoint x corruption x severity, severity 0 = clean), printed, and written."""
-    ensemble = load_ensemble(paths, weights_from, device, tta)
+    ensemble = load_ensemble(paths, weights_from, device, tta, precision=precision)
     data = scored_images(ensemble.checkpoints, data_root, held_out)
     images, labels = data.images.to(ensemble.prec.device), data.labels
     rows = []

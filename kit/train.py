@@ -23,7 +23,7 @@ import torch
 from kit import distributed
 from kit.checkpoint import better_weights, read_payload, save_checkpoint
 from kit.data import Dataset, load_dataset
-from kit.device import deterministic
+from kit.device import choose_precision, deterministic
 from kit.distill import resolve_teachers
 from kit.distributed import Ranks
 from kit.engine import EpochResult, Trainer, build_trainer, predict_probs, probs_loss_acc
@@ -34,7 +34,8 @@ from kit.plots import plot_curves
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
 from kit.tensorboard import EpochLog
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s",
+                  "skipped_updates"]  # skipped_updates: fp16 updates the loss scaler skipped (a non-finite gradient)
 
 
 def new_run_dir(out_root: str | Path, name: str, stamp: str | None = None) -> Path:
@@ -137,7 +138,7 @@ class Run:
         t.lr.after_epoch(self.epoch, val_acc)
         row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
                "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
-               "images_per_s": result.images / max(result.seconds, 1e-9)}
+               "images_per_s": result.images / max(result.seconds, 1e-9), "skipped_updates": result.skipped}
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
         self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
         score, self.weights_from = better_weights(val_acc, ema_acc)
@@ -222,7 +223,8 @@ def _summary(row: dict, epochs: int) -> str:
     ema = "" if math.isnan(row["ema_val_acc"]) else f" ema_val_acc {row['ema_val_acc']:.2%}"
     return (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
             f"train_acc {row['train_acc']:.2%} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%}{ema} "
-            f"{row['seconds']:.1f}s {row['images_per_s']:,.0f} img/s")
+            f"{row['seconds']:.1f}s {row['images_per_s']:,.0f} img/s"
+            + (f" ({row['skipped_updates']} fp16 updates skipped)" if row["skipped_updates"] else ""))
 
 
 class EpochProgress:
@@ -299,8 +301,9 @@ def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = Non
         save_recipe(recipe, run.dir / "recipe.yaml")
     if init_from is None:
         processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+        precision, why = choose_precision(recipe.train.precision, dev)
         run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
-                 f"{len(dataset.held_out):,} validation images, {dev} {trainer.prec.dtype or 'fp32'}{processes}, run {run.dir}")
+                 f"{len(dataset.held_out):,} validation images, {dev}, precision {precision} ({why}){processes}, run {run.dir}")
     else:
         inside = f", {run.in_epoch} updates into epoch {run.epoch + 1}" if run.in_epoch else ""
         run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}{inside}")

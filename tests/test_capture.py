@@ -31,8 +31,7 @@ def _hazards_before_capture(trainer) -> list:
 
 
 def _blocker(trainer) -> str | None:
-    return graph_blocker(cuda_graph=True, mixup=trainer.augment.mixup is not None, fp16=trainer.scaler is not None,
-                         optimizer=trainer.optimizer, world_size=1)
+    return graph_blocker(cuda_graph=True, mixup=trainer.augment.mixup is not None, optimizer=trainer.optimizer, world_size=1)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -51,6 +50,8 @@ EXTRA_CASES = {  # options no shipped recipe combines, each on the demo recipe
                                                      "augment.sharpness_prob=0.5", "augment.rotation_degrees=15",
                                                      "augment.color_jitter=0.3", "augment.cutout_size=8"),
     "augmix": ("augment.policy=augmix", "augment.augmix_width=2"),
+    "fp16-loss-scaling+sgd": ("train.precision=fp16", "optim.name=sgd"),
+    "fp16-loss-scaling+adam": ("train.precision=fp16",),
     "erasing-const-reflect": ("augment.erasing_prob=0.5", "augment.erasing_mode=const", "augment.crop_padding_mode=reflect"),
     "erasing-rand": ("augment.erasing_prob=0.5", "augment.erasing_mode=rand"),
     "whitening+alternating-flip": ("model.name=resnet", "model.args.stem=whiten", "model.args.blocks=[1,1]",

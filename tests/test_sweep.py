@@ -48,10 +48,13 @@ def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path):
     assert len(pd.read_csv(folder / "trials" / "trial-0000" / "metrics.csv")) == 1
 
 
-def test_jobs_run_trials_in_worker_processes(demo_data, tmp_path):
-    table = sweep(DEMO, overrides=("train.epochs=1",), grid=("optim.lr=0.004,0.002",), out_root=str(tmp_path), jobs=2,
-                  data_root=str(demo_data), device="cpu", prune=False, echo=quiet)
+def test_workers_pinned_to_devices_run_the_trials(demo_data, tmp_path):
+    """--devices 0,1 (stand-ins on the CPU): one worker process per device, each trial records the GPU it ran on."""
+    lines = []
+    table = sweep(DEMO, overrides=("train.epochs=1",), grid=("optim.lr=0.004,0.002",), out_root=str(tmp_path), jobs=1,
+                  devices=("0", "1"), data_root=str(demo_data), device="cpu", prune=False, echo=lines.append)
     assert len(table) == 2 and set(table.state) == {"COMPLETE"} and table.overrides.is_unique
+    assert set(table.device.astype(str)) <= {"0", "1"} and "2 at a time on GPUs 0, 1" in lines[0]
 
 
 def test_a_hopeless_trial_is_pruned(demo_data, tmp_path):

@@ -15,6 +15,7 @@ from typing import Callable
 import pandas as pd
 import yaml
 
+from kit.device import worker_devices
 from kit.io import write_text
 from kit.sweep.plan import check_same_plan, make_plan, parse_grid, read_space
 from kit.sweep.queue import Sweep, work, work_in_child
@@ -26,8 +27,10 @@ __all__ = ["parse_grid", "read_space", "sweep"]
 def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str, ...] = (), space: str | None = None,
           trials: int | None = None, name: str | None = None, out_root: str = "sweeps", study_name: str | None = None,
           storage: str | None = None, jobs: int = 1, prune: bool = True, prune_startup: int = 4,
-          data_root: str | None = None, device: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run (or continue) a sweep; returns its results table."""
+          data_root: str | None = None, device: str = "auto", devices: tuple[str, ...] = (),
+          echo: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run (or continue) a sweep; returns its results table. `devices` (GPU indices): `jobs` workers on each,
+    every worker pinned to its GPU."""
     plan = make_plan(recipe_path, overrides, grid, space, trials)
     folder = Path(out_root) / (name or Path(recipe_path).stem)
     check_same_plan(folder, plan)
@@ -35,13 +38,15 @@ def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str,
     write_text(folder / "sweep.yaml", yaml.safe_dump(plan.as_dict(), sort_keys=False))
     storage = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     job = Sweep(folder, plan, study_name or folder.name, storage, prune, prune_startup, data_root, device)
-    echo(f"sweep {folder}: {plan.trials} trials planned, study '{job.study_name}' in {storage}, {jobs} at a time")
+    placed = worker_devices(tuple(devices), jobs)
+    on = f" on GPUs {', '.join(devices)}" if devices else ""
+    echo(f"sweep {folder}: {plan.trials} trials planned, study '{job.study_name}' in {storage}, {len(placed)} at a time{on}")
     opened = job.open_study()
-    if jobs > 1:
+    if len(placed) > 1 or devices:
         import multiprocessing
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, (os.cpu_count() or 1) // len(placed))
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=work_in_child, args=(job, threads)) for _ in range(jobs)]
+        workers = [context.Process(target=work_in_child, args=(job, threads, d)) for d in placed]
         for w in workers:
             w.start()
         for w in workers:

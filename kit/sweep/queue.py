@@ -169,6 +169,7 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     run_dir = sweep.trial_dir(trial.number)
     trial.set_user_attr("overrides", " ".join(overrides_of(params)))
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
+    trial.set_user_attr("device", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     say = lambda line: echo(f"[trial {trial.number}] {line}")  # noqa: E731
 
     def report(run) -> None:
@@ -217,7 +218,9 @@ def work(sweep: Sweep, echo: Callable[[str], None] = print, opened: tuple | None
     return done
 
 
-def work_in_child(sweep: Sweep, threads: int) -> None:
+def work_in_child(sweep: Sweep, threads: int, device: str | None = None) -> None:
+    from kit.device import pin_device
+    pin_device(device)  # before torch starts CUDA: this worker's trials run on that GPU alone
     import torch
     torch.set_num_threads(threads)  # N trials share the CPU cores (on CUDA they share the GPU)
     work(sweep)

@@ -10,7 +10,7 @@ from kit.ensemble import COMPLETED_RUNS
 from kit.io import write_text
 from kit.sweep.queue import Sweep
 
-RESULT_COLUMNS = ["trial", "state", "overrides", "parameters", "epochs", "best_val_acc", "seconds", "run_dir"]
+RESULT_COLUMNS = ["trial", "state", "overrides", "parameters", "epochs", "best_val_acc", "seconds", "device", "run_dir"]
 
 
 def results_table(sweep: Sweep, study) -> pd.DataFrame:
@@ -22,7 +22,8 @@ def results_table(sweep: Sweep, study) -> pd.DataFrame:
         best = float(better_weights(metrics.val_acc, metrics.ema_val_acc)[0].max()) if len(metrics) else float("nan")
         rows.append({"trial": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", ""),
                      "parameters": t.user_attrs.get("parameters"), "epochs": len(metrics), "best_val_acc": best,
-                     "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0, "run_dir": str(run_dir)})
+                     "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0,
+                     "device": t.user_attrs.get("device", ""), "run_dir": str(run_dir)})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"parameters": "Int64"})
 
 

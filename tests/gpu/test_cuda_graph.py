@@ -27,10 +27,10 @@ UPDATES = 6  # after the warm-up: the first replays
 TIMING = ["seconds", "images_per_s"]
 
 
-def _trainer(name: str, demo_data, capture: bool, compile_mode: str = "none"):
+def _trainer(name: str, demo_data, capture: bool, compile_mode: str = "none", precision: str = "auto"):
     """The recipe at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test_batch",
-                                                               "train.batch_size=64"))
+                                                               "train.batch_size=64", f"train.precision={precision}"))
     trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
     trainer.capture = capture and trainer.capture
     return trainer
@@ -64,6 +64,20 @@ def test_compiled_replay_equals_eager(name, demo_data):
     captured, eager = _trainer(name, demo_data, True, "default"), _trainer(name, demo_data, False, "default")
     for trainer in (captured, eager):
         _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + 2)
+    for a, b in zip(captured.model.state_dict().values(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["kit_fast", "preact_gelu"])  # SGD and Adam
+def test_fp16_captured_update_equals_eager(name, demo_data):
+    """fp16 with dynamic loss scaling inside the graph: the scaler's tensors on the device, same result as eager."""
+    captured, eager = _trainer(name, demo_data, True, precision="fp16"), _trainer(name, demo_data, False, precision="fp16")
+    assert captured.capture and captured.scaler is not None
+    for trainer in (captured, eager):
+        _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + UPDATES)
+    assert captured.graph is not None
+    assert captured.scaler.get_scale() == eager.scaler.get_scale()
+    assert int(captured.skipped_sum) == int(eager.skipped_sum)
     for a, b in zip(captured.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
