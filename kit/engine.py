@@ -109,7 +109,8 @@ class Trainer:
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        from kit.models import count_parameters
+        return count_parameters(self.model)
 
     def resume_at(self, num_updates: int) -> None:
         """Set both update counters (host and device) for a resumed run."""

@@ -72,10 +72,21 @@ def _check_batch(run: Callable[[torch.Tensor], torch.Tensor], model: nn.Module) 
         return float((run(images) - model(images)).abs().max())
 
 
+ONNX_MIN_TORCH = (2, 11)  # torch's dynamo ONNX exporter with today's onnxscript: works on 2.14, failed on 2.5.1
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def _onnx(model: nn.Module, example: torch.Tensor, out_path: Path) -> float:
     _require("onnx", "onnx")
     _require("onnxruntime", "onnx")
     _require("onnxscript", "onnx")
+    if torch_version() < ONNX_MIN_TORCH:
+        raise KitError(f"--format onnx needs torch >= {'.'.join(map(str, ONNX_MIN_TORCH))} (this is {torch.__version__}); "
+                       f"safetensors and torchscript work here")
     import onnxruntime
     batch = torch.export.Dim("batch", min=1)
     with atomic_path(out_path) as tmp:

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, quiet, run, tiny_recipe
 from kit.checkpoint import load_checkpoint, read_payload
 from kit.ema import CachedModelEma
 from kit.errors import KitError
-from kit.export import export
+from kit.export import ONNX_MIN_TORCH, export, torch_version
 from kit.predict import predict
 from kit.train import resume, train
 
@@ -43,7 +43,8 @@ def test_safetensors_without_kit_metadata_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=pytest.mark.skipif(
+    torch_version() < ONNX_MIN_TORCH, reason="kit's ONNX export needs a newer torch (it says so in one line)")), "torchscript"])
 def test_onnx_and_torchscript_match_torch(trained_run, tmp_path, fmt):
     lines = []
     out = export(str(trained_run), fmt, out=str(tmp_path / f"m.{fmt}"), echo=lines.append)
@@ -135,3 +136,11 @@ def test_optimizer_state_keeps_the_engines_lr_tensors():
     load_optimizer_state(fresh, saved.state_dict())
     assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
     assert "momentum_buffer" in fresh.state[params[0]]
+
+
+def test_onnx_export_on_an_older_torch_fails_in_one_line(trained_run, tmp_path, monkeypatch):
+    import kit.export
+    monkeypatch.setattr(kit.export, "torch_version", lambda: (2, 5))
+    code, out = run("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert_one_line_error(code, out, "--format onnx needs torch >= 2.11", "safetensors and torchscript work here")
+    assert not (tmp_path / "m.onnx").exists()
