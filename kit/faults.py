@@ -71,13 +71,10 @@ def fault_point(name: str) -> None:
         _hits.clear()
     _hits[name] = _hits.get(name, 0) + 1
     for entry in wanted.split(","):
-        action = entry.split(":", 1)[0] if entry.startswith(("sigterm:", "sigint:")) else ""
-        target = entry.split(":", 1)[1] if action else entry
+        action, _, target = entry.partition(":") if entry.startswith(("sigterm:", "sigint:")) else ("", "", entry)
         point, _, nth = target.partition("@")
         if point == name and _hits[name] == int(nth or 1):
-            if action == "sigterm":
-                signal.raise_signal(signal.SIGTERM)
-            elif action == "sigint":
-                signal.raise_signal(signal.SIGINT)
+            if action:
+                signal.raise_signal(getattr(signal, action.upper()))
             else:
                 os.kill(os.getpid(), signal.SIGKILL)

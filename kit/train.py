@@ -167,9 +167,8 @@ class Run:
         plot_curves(self.metrics, self.dir / "curves.png", self.recipe.name)
 
     def stopped(self, where: str) -> Stopped:
-        """Save where the run stands (a signal arrived) and say how to go on."""
-        self.save()
-        name = "SIGTERM" if self.stop.signum == signal.SIGTERM else "SIGINT"
+        """What to raise once a signal arrived and last.pt holds where the run stands: how to go on."""
+        name = signal.Signals(self.stop.signum).name
         return Stopped(self.stop.signum, f"stopped by {name} {where}; saved in {self.dir / 'last.pt'}: "
                                          f"continue with kit train --resume {self.dir}")
 
@@ -195,7 +194,8 @@ class Run:
         while self.epoch < self.recipe.train.epochs:
             lr = self.trainer.lr.at_epoch(self.epoch)
             result = self.train_epoch()
-            if not result.complete:
+            if not result.complete:  # stopped inside the epoch: last.pt records the update it stopped at
+                self.save()
                 raise self.stopped(f"at update {self.trainer.num_updates} ({result.updates} of "
                                    f"{self.trainer.updates_per_epoch} in epoch {self.epoch + 1})")
             if not result.finite:
@@ -205,7 +205,7 @@ class Run:
             row = self.record(lr, result)
             self.save()
             self.echo(_summary(row, self.recipe.train.epochs))
-            if distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device):
+            if distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device):  # saved just above
                 raise self.stopped(f"after epoch {self.epoch}")
             if on_epoch_end is not None:
                 on_epoch_end(self)
