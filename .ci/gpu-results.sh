@@ -139,8 +139,9 @@ case "$phase" in
       kit predict "$run" --test "$TEST" --out "$SUBS/$name.csv" >> "$OUT/finish.log" 2>&1
       kit predict "$run" --test "$SHIFT" --out "$SUBS/shift/$name.csv" >> "$OUT/finish.log" 2>&1
     done
+    # the probability files come back too: kit blend re-weighs them on a CPU later, without the checkpoints
     kit evaluate $runs --held-out test --select --select-on 0.5 --select-out "$WORK/selection.json" --csv "$WORK/evaluate.csv" \
-      2>&1 | tee -a "$OUT/finish.log"
+      --probs-out "$SUBS/labelled-test.probs.npz" 2>&1 | tee -a "$OUT/finish.log"
     kit predict $runs --test "$TEST" --blend "$WORK/selection.json" --out "$SUBS/ensemble.csv" >> "$OUT/finish.log" 2>&1
     kit predict $runs --test "$SHIFT" --blend "$WORK/selection.json" --out "$SUBS/shift/ensemble.csv" >> "$OUT/finish.log" 2>&1
     for f in "$SUBS"/*.csv; do kit check-submission "$f" --test "$TEST"; done 2>&1 | tee -a "$OUT/finish.log"

@@ -66,7 +66,7 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """Brightness, contrast and saturation factors in [1 - s, 1 + s], drawn per image (torchvision's ColorJitter math)."""
     b = x.shape[0]
-    luma = lambda t: t[:, :1] * 0.299 + t[:, 1:2] * 0.587 + t[:, 2:3] * 0.114  # noqa: E731  (no host tensor: capturable)
+    luma = lambda t: t if t.shape[1] == 1 else t[:, :1] * 0.299 + t[:, 1:2] * 0.587 + t[:, 2:3] * 0.114  # noqa: E731
     x = x * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
     mean = luma(x).mean((2, 3), keepdim=True)
     x = mean + (x - mean) * _uniform(b, 1 - strength, 1 + strength, gen).view(b, 1, 1, 1)
@@ -126,11 +126,11 @@ class BatchAugment:
     """uint8 images + int labels -> normalized float inputs and the loss's targets, all on the device."""
 
     def __init__(self, spec: AugmentSpec, mean: torch.Tensor, std: torch.Tensor, num_classes: int,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, image_size: int = 32):
         self.spec, self.mean, self.std = spec, mean, std
         self.policy_table = None
         if spec.policy != "none":
-            self.policy_table = magnitudes(spec.policy, 32).to(mean.device)
+            self.policy_table = magnitudes(spec.policy, image_size).to(mean.device)  # RandAugment translates by size
         self.augmix_ops = torch.tensor([OPS.index(op) for op in AUGMIX_OPS], device=mean.device)  # made once, not per update
         self.mixup = None
         if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:

@@ -73,7 +73,9 @@ def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) luminance."""
+    """(B, 1, H, W) luminance (a grayscale image is its own)."""
+    if x.shape[1] == 1:
+        return x
     return x[:, :1] * GRAY[0] + x[:, 1:2] * GRAY[1] + x[:, 2:3] * GRAY[2]
 
 

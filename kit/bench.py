@@ -27,7 +27,7 @@ SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training-set size
 
 
 class _Images(Dataset):
-    """uint8 (3, 32, 32) tensors through per-sample torchvision transforms, as a seed notebook does."""
+    """uint8 (C, S, S) tensors through per-sample torchvision transforms, as a seed notebook does."""
 
     def __init__(self, split: Labelled, transform):
         self.images, self.labels, self.transform = split.images, split.labels, transform
@@ -39,11 +39,11 @@ class _Images(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def baseline_transform(spec: AugmentSpec, mean, std) -> v2.Compose:
+def baseline_transform(spec: AugmentSpec, mean, std, image_size: int = 32) -> v2.Compose:
     """The recipe's augmentation written the usual per-sample way."""
     transforms = []
     if spec.crop_padding:
-        transforms.append(v2.RandomCrop(32, padding=spec.crop_padding))
+        transforms.append(v2.RandomCrop(image_size, padding=spec.crop_padding))
     if spec.flip:
         transforms.append(v2.RandomHorizontalFlip())
     if spec.rotation_degrees:
@@ -131,7 +131,7 @@ def model_floor(recipe: Recipe, device: torch.device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     model = build_model(recipe, recipe.name, check_budget=False).to(device).train()
     prec = training_precision(recipe.train.precision, recipe.train.channels_last, device)
-    images = torch.randn(2, 3, 32, 32, device=device)
+    images = torch.randn(2, recipe.data.channels, recipe.data.image_size, recipe.data.image_size, device=device)
     activation_bytes = 0
 
     def count(module, args, output):
@@ -159,7 +159,7 @@ def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, updat
     model = build_model(recipe, recipe.name, check_budget=False).to(device)
     optimizer = build_optimizer(model, recipe.optim, fused=False)  # a notebook's plain torch optimizer
     loss_fn = nn.CrossEntropyLoss()
-    loader = DataLoader(_Images(data.train, baseline_transform(recipe.augment, data.mean, data.std)),
+    loader = DataLoader(_Images(data.train, baseline_transform(recipe.augment, data.mean, data.std, recipe.data.image_size)),
                         batch_size=recipe.train.batch_size, shuffle=True, num_workers=2, drop_last=True,
                         pin_memory=device.type == "cuda", persistent_workers=True)
     batches = iter(loader)
@@ -184,13 +184,13 @@ def bench_baseline(recipe: Recipe, data: KitDataset, device: torch.device, updat
     return _timed(lambda: run(updates), device)
 
 
-def synthetic_data(n: int, num_classes: int) -> KitDataset:
+def synthetic_data(n: int, num_classes: int, size: int = 32, channels: int = 3) -> KitDataset:
     """Random pixels: throughput does not depend on content."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     split = Labelled(images, labels)
-    return KitDataset(split, split, [str(i) for i in range(num_classes)], (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    return KitDataset(split, split, [str(i) for i in range(num_classes)], (0.49, 0.48, 0.45)[:channels], (0.25, 0.24, 0.26)[:channels])
 
 
 def bench(recipe: Recipe, updates: int = 50, batch_size: int | None = None, data_root: str | None = None,
@@ -200,7 +200,8 @@ def bench(recipe: Recipe, updates: int = 50, batch_size: int | None = None, data
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=batch_size))
     dev = resolve_device(device)
-    data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, recipe.model.num_classes)
+    data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, recipe.model.num_classes,
+                                                                                      recipe.data.image_size, recipe.data.channels)
     bs, t = recipe.train.batch_size, recipe.train
     echo(f"bench {recipe.name}: batch {bs}, {updates} timed updates after {untimed} untimed, {dev}"
          f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}, torch {torch.__version__}"

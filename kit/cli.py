@@ -12,6 +12,8 @@ from kit.faults import Stopped
 from kit.recipe import TTA_MODES, WEIGHTS_FROM
 
 HELD_OUT = ("val", "test")  # kit.data.HELD_OUT, without importing torch to parse arguments
+LABEL_STYLES = ("index", "name", "probs")  # kit.submission.LABEL_STYLES
+DEMO_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # kit.demo_data.DEMO_FORMATS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
 
@@ -220,10 +222,15 @@ def data_cmd():
 
 @data_cmd.command("demo")
 @click.argument("out_dir")
-def data_demo_cmd(out_dir):
-    """scikit-learn's digits in the CIFAR-10 layout, plus cifar_test_nolabel.pkl and test_labels.csv."""
-    from kit.data import make_demo_data
-    click.echo(f"demo data: {make_demo_data(out_dir)}")
+@click.option("--format", "fmt", type=click.Choice(DEMO_FORMATS), default="cifar", show_default=True,
+              help="The layout: CIFAR pickles, a folder per class (64x64), Kaggle CIFAR-10's CSV + PNGs, Digit Recognizer's "
+                   "pixel CSV (28x28 gray), or MedMNIST's .npz.")
+def data_demo_cmd(out_dir, fmt):
+    """scikit-learn's digits in a competition's layout, with its unlabelled test set, sample submission, the answers
+    (test_labels.csv) and recipe.yaml (the demo recipe reading it)."""
+    from kit.demo_data import make_demo_format
+    out = make_demo_format(out_dir, fmt)
+    click.echo(f"demo data: {out} (format {fmt}); train it: kit train {out / 'recipe.yaml'}")
 
 
 @data_cmd.command("download")
@@ -278,23 +285,67 @@ held_out_option = click.option("--held-out", type=click.Choice(HELD_OUT), defaul
 checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
 
 
+submission_options = [
+    click.option("--template", metavar="CSV", help="The competition's sample submission: its header, id column, row order "
+                                                   "and label style (names, indices, probabilities) are followed."),
+    click.option("--labels", type=click.Choice(LABEL_STYLES), help="Without --template: class index, class name, or one "
+                                                                   "probability column per class.  [default: index]"),
+    click.option("--id-column", help="Without --template: the id column's header.  [default: ID]"),
+    click.option("--label-column", help="Without --template: the label column's header.  [default: Labels]"),
+]
+
+
+def _submission_format(template, labels, id_column, label_column):
+    """The SubmissionFormat of the options (None with a template: it is read once the classes are known)."""
+    from kit.submission import format_from_options
+    if template:
+        given = [name for name, value in (("--labels", labels), ("--id-column", id_column), ("--label-column", label_column)) if value]
+        if given:
+            raise KitError(f"{given[0]}: --template {template} sets the format; give one or the other")
+        return None
+    return format_from_options(labels or "index", id_column or "ID", label_column or "Labels")
+
+
 @cli.command("predict")
 @checkpoints_argument
-@click.option("--test", "test_path", required=True, metavar="PKL", help="Unlabelled test pickle {b'data', b'ids'}.")
+@click.option("--test", "test_path", required=True, metavar="PATH",
+              help="Unlabelled test set: the competition's pickle {b'data', b'ids'}, a folder of images, a pixels CSV or a .npz.")
 @tta_option
 @click.option("--blend", metavar="W", help="Comma-separated ensemble weights, or a selection file from kit evaluate --select.")
 @weights_from_option
 @click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one checkpoint) or submissions/ensemble.csv.")
+@with_options(submission_options)
 @click.option("--batch-size", default=1000, show_default=True)
 @with_options(adapt_options)
 @precision_option
 @device_option
-def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_size, adapt_bn, adapt_prior, precision, device):
-    """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test
-    pickle; write ID,Labels CSV + probs."""
+def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template, labels, id_column, label_column, batch_size,
+                adapt_bn, adapt_prior, precision, device):
+    """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test set; write the
+    submission CSV (the template's format, or ID,Labels) and its probabilities (CSV.probs.npz, for kit blend)."""
     from kit.predict import predict
+    fmt = _submission_format(template, labels, id_column, label_column)
     predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
-            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision)
+            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision,
+            template=template, fmt=fmt)
+
+
+@cli.command("blend")
+@click.option("--labelled", multiple=True, required=True, metavar="NPZ",
+              help="Probabilities on labelled images (kit evaluate --probs-out), one file per model or ensemble (repeatable).")
+@click.option("--unlabelled", multiple=True, required=True, metavar="NPZ",
+              help="The same models' probabilities on the test set (kit predict writes CSV.probs.npz), in the same order.")
+@click.option("--out", required=True, metavar="CSV", help="The submission CSV (its .probs.npz goes beside it).")
+@click.option("--rounds", default=20, show_default=True, help="Greedy selection rounds.")
+@click.option("--select-on", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Choose the weights on this stratified share of the labelled images; report on the rest.")
+@with_options(submission_options)
+def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column):
+    """An ensemble from saved probabilities alone: greedy selection on the labelled files, submission from the
+    unlabelled ones (no checkpoint, no GPU; seconds). Other software's .npz (probs (N, K), ids, labels) blends too."""
+    from kit.blend import blend
+    fmt = _submission_format(template, labels, id_column, label_column)
+    blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt, echo=click.echo)
 
 
 @cli.command("evaluate")
@@ -308,6 +359,7 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
               help="Choose the blend on this stratified share of the images; report on the rest.")
 @click.option("--select-out", metavar="JSON", help="Write the selected blend here, for kit predict --blend.")
 @click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
+@click.option("--probs-out", metavar="NPZ", help="Write each checkpoint's probabilities and the labels here, for kit blend.")
 @weights_from_option
 @click.option("--batch-size", default=1000, show_default=True)
 @with_options(adapt_options)
@@ -316,7 +368,7 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, batch_siz
 @click.option("--plot", "plot_out", metavar="PNG", help="With --corrupt: the plot, one panel per corruption.")
 @precision_option
 @device_option
-def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_on, select_out, csv_out, weights_from,
+def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_on, select_out, csv_out, probs_out, weights_from,
                  batch_size, adapt_bn, adapt_prior, corrupt, plot_out, precision, device):
     """Top-1 (and top-5 for 100 classes) of each checkpoint and the ensemble, with and without TTA."""
     if corrupt:
@@ -328,7 +380,7 @@ def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_o
     from kit.evaluate import evaluate
     evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
              weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
-             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision)
+             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision, probs_out=probs_out)
 
 
 @cli.command("export")
@@ -344,12 +396,19 @@ def export_cmd(checkpoint, fmt, weights_from, out):
 
 @cli.command("check-submission")
 @click.argument("csv_path", metavar="CSV")
-@click.option("--test", "test_path", required=True, metavar="PKL")
-@click.option("--num-classes", default=10, show_default=True)
-def check_submission_cmd(csv_path, test_path, num_classes):
-    """Header, one row per test id, no duplicates, labels in range; exit 2 with the first problem."""
-    from kit.submission import check_submission
-    rows = check_submission(csv_path, test_path, num_classes)
+@click.option("--test", "test_path", metavar="PATH", help="The unlabelled test set (pickle, image folder, pixels CSV, .npz).")
+@with_options(submission_options)
+@click.option("--num-classes", default=10, show_default=True, help="For class indices.")
+@click.option("--classes", metavar="A,B,...", help="The class names, for names and probability columns.")
+def check_submission_cmd(csv_path, test_path, template, labels, id_column, label_column, num_classes, classes):
+    """Header, one row per test id (the template's, or --test's), no duplicates, labels valid for the style; exit 2
+    with the first problem."""
+    from kit.submission import check_submission, format_from_template
+    if not test_path and not template:
+        raise KitError("give --test PATH, --template CSV, or both: the ids the submission must have")
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    fmt = format_from_template(template, names) if template else _submission_format(None, labels, id_column, label_column)
+    rows = check_submission(csv_path, test_path, fmt, num_classes, names)
     click.echo(f"ok: {csv_path} has one valid row for each of the {rows:,} test ids")
 
 

@@ -1,7 +1,7 @@
-"""CIFAR python layouts (read, and written for the demo or downloaded), the competition's unlabelled test
-pickle, and validation splits.
+"""A recipe's labelled images in any format (the CIFAR python layouts here, the others in kit.formats), the
+unlabelled test set, and validation splits.
 
-Images are kept as uint8 tensors (N, 3, 32, 32): they go to the device once and are normalized there.
+Images are kept as uint8 tensors (N, C, S, S): they go to the device once and are normalized there.
 """
 
 import pickle
@@ -25,7 +25,7 @@ LAYOUT_HINT = "run `kit data demo DIR` for demo data, `kit data download cifar10
 @dataclass(frozen=True)
 class Labelled:
     """Images with their labels (a training set, a validation set, a test set)."""
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    images: torch.Tensor  # (N, C, S, S) uint8
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -38,10 +38,10 @@ class Labelled:
 @dataclass(frozen=True)
 class Dataset:
     train: Labelled
-    held_out: Labelled  # what load_dataset was asked to score on: the recipe's validation images, or the test set
+    held_out: Labelled  # what load_dataset was asked to score on: the recipe's validation images (none: empty), or the test set
     classes: list[str]
-    mean: tuple[float, float, float]  # per channel, of the training images scaled to [0, 1]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # per channel, of the training images scaled to [0, 1]
+    std: tuple[float, ...]
 
 
 def read_pickle(path: Path, what: str) -> dict:
@@ -109,44 +109,119 @@ def stratified_split(split: Labelled, fraction: float, seed: int) -> tuple[Label
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]."""
-    x = images.double().div_(255).transpose(0, 1).reshape(3, -1)
+    x = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the test set (test_batch)
+HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the labelled test set
 
 
 def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str = "val") -> Dataset:
-    """The training set and the held-out images to score on: `val` (the recipe's validation) or `test`."""
+    """The training set and the held-out images to score on: `val` (the recipe's validation: none gives an empty
+    set) or `test` (the labelled test set)."""
     root = Path(root or spec.root)
     if not root.is_dir():
         raise KitError(f"{root}: data root not found; {LAYOUT_HINT}")
-    reader = read_cifar10 if spec.dataset == "cifar10" else read_cifar100
-    train, test, classes = reader(root)
+    train, test, classes = read_cifar(spec, root) if spec.format == "cifar" else read_other(spec, root)
     if spec.validation == "split":
         train, val = stratified_split(train, spec.val_fraction, spec.split_seed)
+    elif spec.validation == "none":
+        val = Labelled(train.images[:0], train.labels[:0])
     else:
         val = test
+    if held_out == "test" and test is None:
+        raise KitError(f"{root}: no labelled test set to score on (data.test is empty); use --held-out val")
     scored = test if held_out == "test" else val
-    num_classes = int(max(train.labels.max(), scored.labels.max())) + 1
-    if len(classes) < num_classes:
-        classes = [str(i) for i in range(num_classes)]
     mean, std = channel_stats(train.images)
     return Dataset(train, scored, classes, mean, std)
+
+
+def load_held_out(spec: DataSpec, root: str | Path | None, held_out: str, source: str) -> Labelled:
+    """The labelled images a checkpoint is scored on (predict/evaluate/report); a run without validation has none."""
+    scored = load_dataset(spec, root, held_out).held_out
+    if not len(scored):
+        raise KitError(f"{source}: no validation images to score (data.validation: none); use --held-out test "
+                       f"(the labelled test set{'' if spec.format == 'cifar' or spec.test else ', data.test'})")
+    return scored
+
+
+def read_cifar(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled, list[str]]:
+    if (spec.image_size, spec.channels) != (32, 3):
+        raise KitError(f"{root}: format cifar holds 32x32 RGB images, but data.image_size is {spec.image_size} and "
+                       f"data.channels {spec.channels}")
+    train, test, classes = (read_cifar10 if spec.dataset == "cifar10" else read_cifar100)(root)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if len(classes) < num_classes:
+        classes = [str(i) for i in range(num_classes)]
+    return train, test, list(spec.classes) or classes
+
+
+def read_other(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled | None, list[str]]:
+    """Training and labelled test set (None without data.test) of the folder, csv, pixels and npz formats."""
+    from kit.formats import label_indices, npz_classes, read_split
+    read = read_split(spec, root, "train")
+    classes = list(spec.classes) or (npz_classes(read.path) if spec.format == "npz" else None)
+    labels, classes = label_indices(read.labels, classes, read.path, read.where)
+    train = Labelled(read.images, torch.from_numpy(labels))
+    test = None
+    if spec.test:
+        read = read_split(spec, root, "test")
+        labels, _ = label_indices(read.labels, classes, read.path, read.where)
+        test = Labelled(read.images, torch.from_numpy(labels))
+    return train, test, classes
 
 
 @dataclass(frozen=True)
 class TestSet:
     ids: np.ndarray
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
-    layout: str  # how the pickle stored the images
+    images: torch.Tensor  # (N, C, S, S) uint8
+    layout: str  # how the file stored the images
 
 
-def read_test_pickle(path: str | Path) -> TestSet:
+def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
+    """The unlabelled test set at the recipe's image size and channels: the competition's pickle (`.pkl`), a folder of
+    images, a pixels CSV or a .npz (kit.formats). Ids must be unique."""
+    from kit.formats import read_unlabelled
+    path, spec = Path(path), spec or DataSpec()
+    if path.is_dir() or path.suffix.lower() in (".csv", ".npz"):
+        read = read_unlabelled(path, spec)
+        test = TestSet(read.ids, read.images, read.layout)
+    else:
+        test = read_test_pickle(path, spec.image_size, spec.channels)
+    unique, counts = np.unique([str(i) for i in test.ids], return_counts=True)
+    if (counts > 1).any():
+        raise KitError(f"{path}: the ids have duplicates (e.g. {unique[counts > 1][0]} appears {counts.max()} times)")
+    return test
+
+
+def read_test_ids(path: str | Path) -> np.ndarray:
+    """Only the ids of an unlabelled test set in any format (to check a submission without knowing the image size)."""
+    from kit.formats import ids_from_text, list_images, read_csv
+    path = Path(path)
+    if path.is_dir():
+        return np.sort(ids_from_text(list(list_images(path))))
+    if path.suffix.lower() == ".csv":
+        table = read_csv(path)
+        return ids_from_text(table["id"].tolist()) if "id" in table.columns else np.arange(1, len(table) + 1)
+    if path.suffix.lower() == ".npz":
+        from kit.formats import read_arrays
+        arrays = read_arrays(path)
+        images = next((arrays[k] for k in ("images", "test_images") if k in arrays), None)
+        if images is None:
+            raise KitError(f"{path}: no array 'images' or 'test_images' (arrays: {', '.join(arrays)})")
+        return arrays["ids"].reshape(-1) if "ids" in arrays else np.arange(1, len(images) + 1)
+    obj = read_pickle(path, "the competition test pickle {b'data', b'ids'}")
+    if b"ids" not in obj:
+        raise KitError(f"{path}: no b'ids' entry")
+    return np.asarray(obj[b"ids"])
+
+
+def read_test_pickle(path: str | Path, size: int = 32, channels: int = 3) -> TestSet:
     """The competition's unlabelled test pickle: {b'data': images, b'ids': (N,)}.
 
-    Accepts (N, 32, 32, 3) HWC, (N, 3, 32, 32) CHW and (N, 3072) channel-major rows of uint8.
+    Accepts (N, S, S, C) HWC, (N, C, S, S) CHW and (N, C*S*S) channel-major rows of uint8.
     """
+    from kit.formats import to_chw
     path = Path(path)
     what = "the competition test pickle {b'data': (N, 32, 32, 3) uint8, b'ids': (N,)}"
     obj = read_pickle(path, what)
@@ -154,41 +229,40 @@ def read_test_pickle(path: str | Path) -> TestSet:
         if key not in obj:
             raise KitError(f"{path}: no {key!r} entry; expected {what}")
     data, ids = np.asarray(obj[b"data"]), np.asarray(obj[b"ids"])
-    if data.dtype != np.uint8:
-        raise KitError(f"{path}: b'data' has dtype {data.dtype}; expected uint8 pixels 0..255")
-    images, layout = _to_chw(path, data)
+    images = to_chw(path, data, size, channels, "b'data'")
+    s, c = size, channels
+    layout = {4: f"(N, {s}, {s}, {c}) HWC" if data.shape[1:] == (s, s, c) else f"(N, {c}, {s}, {s}) CHW",
+              3: f"(N, {s}, {s})", 2: f"(N, {c * s * s}) channel-major rows"}[data.ndim]
     if ids.ndim != 1 or len(ids) != len(images):
         raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape}")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise KitError(f"{path}: b'ids' has duplicates (e.g. {unique[counts > 1][0].item()!r} appears {counts.max()} times)")
     return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)
-
-
-def _to_chw(path: Path, data: np.ndarray) -> tuple[np.ndarray, str]:
-    if data.ndim == 4 and data.shape[1:] == (32, 32, 3):
-        return data.transpose(0, 3, 1, 2), "(N, 32, 32, 3) HWC"
-    if data.ndim == 4 and data.shape[1:] == (3, 32, 32):
-        return data, "(N, 3, 32, 32) CHW"
-    if data.ndim == 2 and data.shape[1] == 3072:
-        return data.reshape(-1, 3, 32, 32), "(N, 3072) channel-major rows"
-    raise KitError(f"{path}: b'data' has unsupported shape {data.shape}; expected (N, 32, 32, 3), (N, 3, 32, 32) or (N, 3072)")
 
 
 # Writing data folders: the embedded digits demo (offline) and torchvision's download (online).
 
-def _digits_rgb(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits as (N, 3, 32, 32) uint8: scaled 3x, padded to 32, tinted per image."""
+def _digits_rgb(seed: int, size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as (N, channels, size, size) uint8: scaled up (3x at 28 and 32), padded to `size`,
+    tinted per image when in colour."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    gray = np.kron(digits.images / 16.0, np.ones((3, 3)))  # (N, 24, 24) in [0, 1]
-    gray = np.pad(gray, ((0, 0), (4, 4), (4, 4)))
+    scale = max(1, round(size * 0.75 / 8))
+    gray = np.kron(digits.images / 16.0, np.ones((scale, scale)))  # (N, 8*scale, 8*scale) in [0, 1]
+    before = (size - gray.shape[1]) // 2
+    gray = np.pad(gray, ((0, 0), (before, size - gray.shape[1] - before), (before, size - gray.shape[2] - before)))
     # random foreground/background colours make it a colour task, like CIFAR
     fg = rng.uniform(0.5, 1.0, (len(gray), 3, 1, 1))
     bg = rng.uniform(0.0, 0.4, (len(gray), 3, 1, 1))
     rgb = bg + (fg - bg) * gray[:, None]
+    if channels == 1:
+        rgb = rgb.mean(1, keepdims=True)
     return (rgb * 255).round().astype(np.uint8), digits.target.astype(np.int64)
+
+
+def demo_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labelled test, unlabelled test, train) indices of the digits, the same in every demo layout."""
+    order = np.random.default_rng(seed).permutation(1797)
+    return tuple(np.split(order, [DEMO_TEST, DEMO_TEST + DEMO_UNLABELLED]))
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -201,8 +275,7 @@ def make_demo_data(out_dir: str | Path, seed: int = 0) -> Path:
     pickle (`cifar_test_nolabel.pkl`) and its answers (`test_labels.csv`) for the demo's own scoring."""
     out = Path(out_dir)
     images, labels = _digits_rgb(seed)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    test, hidden, train = np.split(order, [DEMO_TEST, DEMO_TEST + DEMO_UNLABELLED])
+    test, hidden, train = demo_split(seed)
     base = out / CIFAR10_DIR
     for i, part in enumerate(np.array_split(train, 5), start=1):
         _dump(base / f"data_batch_{i}", {b"data": images[part].reshape(len(part), -1), b"labels": labels[part].tolist(),

@@ -353,7 +353,7 @@ def build_trainer(recipe: Recipe, dataset: Dataset, device: torch.device, source
         forward_loss = DistillLoss(forward_loss.model, forward_loss.loss_fn, load_teachers(recipe, mean, std, device),
                                    recipe.distill.alpha)
     forward_loss = _compile(forward_loss, spec.compile, capture, device)
-    augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing)
+    augment = BatchAugment(recipe.augment, mean, std, recipe.model.num_classes, spec.label_smoothing, recipe.data.image_size)
     order_gen = torch.Generator(device=device).manual_seed(spec.seed)
     aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))
     return Trainer(model, forward_loss, optimizer, augment, train, lr, recipe.optim, prec, order_gen, aug_gen,

@@ -6,14 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
+from kit.blend import greedy_selection, selection_halves, topk
 from kit.checkpoint import Checkpoint
-from kit.data import Labelled, load_dataset
+from kit.data import Labelled, load_held_out
 from kit.ensemble import Ensemble, ensemble_probs, load_ensemble
 from kit.errors import KitError
 from kit.io import write_text
+from kit.submission import write_probs
 from kit.tta import tta_views
 
 
@@ -22,7 +25,7 @@ def scored_images(checkpoints: list[Checkpoint], data_root: str | None, held_out
     chosen, first, loaded = None, None, {}
     for c in checkpoints:
         if c.recipe.data not in loaded:  # checkpoints of one recipe family share their data: read it once
-            loaded[c.recipe.data] = load_dataset(c.recipe.data, data_root, held_out).held_out
+            loaded[c.recipe.data] = load_held_out(c.recipe.data, data_root, held_out, c.path)
         data = loaded[c.recipe.data]
         if chosen is None:
             chosen, first = data, c
@@ -30,31 +33,6 @@ def scored_images(checkpoints: list[Checkpoint], data_root: str | None, held_out
             raise KitError(f"{c.path}: validates on other images than {first.path} (a split vs the test_batch?); "
                            f"use --held-out test to score all of them on the test set")
     return chosen
-
-
-def topk(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the k most probable classes."""
-    return (probs.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
-
-
-def greedy_selection(probs: list[torch.Tensor], labels: torch.Tensor, rounds: int) -> list[float]:
-    """Caruana et al. (2004): repeatedly add (with replacement) the checkpoint that most improves the
-    ensemble's accuracy (ties: lower log-loss); keep the best prefix. Returns one blend weight per checkpoint."""
-    counts, best_counts, best_score = [0] * len(probs), None, None
-    total = torch.zeros_like(probs[0])
-    for _ in range(rounds):
-        n = sum(counts) + 1
-        scores = []
-        for p in probs:
-            mix = (total + p) / n
-            nll = torch.nn.functional.nll_loss(mix.clamp_min(1e-12).log(), labels).item()
-            scores.append(((mix.argmax(1) == labels).float().mean().item(), -nll))
-        pick = max(range(len(probs)), key=lambda i: scores[i])
-        counts[pick] += 1
-        total += probs[pick]
-        if best_score is None or scores[pick] > best_score:
-            best_score, best_counts = scores[pick], list(counts)
-    return [c / sum(best_counts) for c in best_counts]
 
 
 @dataclass
@@ -76,14 +54,6 @@ def _row(name: str, params: int, plain: torch.Tensor, with_views: torch.Tensor, 
     return row
 
 
-def selection_halves(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(choose, report) index sets: a stratified `fraction` of the images to choose the blend on, the rest to report on."""
-    from sklearn.model_selection import train_test_split
-    index = torch.arange(len(labels)).numpy()
-    choose, report = train_test_split(index, train_size=fraction, random_state=seed, stratify=labels.numpy())
-    return torch.from_numpy(choose).sort().values, torch.from_numpy(report).sort().values
-
-
 def _subset(scored: Scored, index: torch.Tensor) -> Scored:
     return Scored([p[index] for p in scored.plain], [p[index] for p in scored.with_views])
 
@@ -91,11 +61,13 @@ def _subset(scored: Scored, index: torch.Tensor) -> Scored:
 def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "best", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int = 1000, device: str = "auto", select_on: float = 1.0, adapt_bn: bool = False,
-             adapt_prior: float = 0.0, precision: str = "auto", echo: Callable[[str], None] = print) -> pd.DataFrame:
+             adapt_prior: float = 0.0, precision: str = "auto", probs_out: str | None = None,
+             echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
     `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
     others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
-    for its completed trials."""
+    for its completed trials. `probs_out`: each checkpoint's probabilities (with TTA) on every scored image, for
+    `kit blend`."""
     ensemble = load_ensemble(paths, weights_from, device, tta, precision=precision)
     paths, checkpoints, tta = ensemble.paths, ensemble.checkpoints, ensemble.tta
     data = scored_images(checkpoints, data_root, held_out)
@@ -103,6 +75,10 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
         ensemble.adapt_batchnorm(data.images, batch_size, adapt_prior)
         echo(f"BatchNorm statistics re-estimated on the {len(data):,} {held_out} images (prior strength {adapt_prior:g})")
     scored = score_checkpoints(ensemble, data, batch_size)
+    if probs_out:
+        write_probs(probs_out, np.arange(len(data)), ensemble_probs(scored.with_views).numpy(), checkpoints[0].classes,
+                    paths, torch.stack(scored.with_views).numpy(), data.labels.numpy())
+        echo(f"probabilities: {probs_out} ({len(paths)} checkpoints x {len(data):,} {held_out} images, tta {tta})")
     labels, top5 = data.labels, len(checkpoints[0].classes) > 10
     chosen_on = scored, labels
     if select and select_on < 1:

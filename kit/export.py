@@ -50,7 +50,8 @@ def export(path: str, fmt: str, weights_from: str = "best", out: str | None = No
         _safetensors(checkpoint.model, safetensors_metadata(payload, checkpoint.weights_from), out_path)
     else:
         wrapped = Normalized(checkpoint.model, checkpoint.mean, checkpoint.std).eval()
-        example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        data = checkpoint.recipe.data
+        example = torch.rand(2, data.channels, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0))
         exported = _onnx(wrapped, example, out_path) if fmt == "onnx" else _torchscript(wrapped, example, out_path)
         echo(f"largest logit difference to torch (fp32, batch of 5): {exported:.2e}")
     echo(f"exported: {out_path} ({fmt}, {checkpoint.weights_from} weights of {payload['path']})")
@@ -65,9 +66,9 @@ def _safetensors(model: nn.Module, metadata: dict[str, str], out_path: Path) -> 
         save_file(state, str(tmp), metadata=metadata)
 
 
-def _check_batch(run: Callable[[torch.Tensor], torch.Tensor], model: nn.Module) -> float:
+def _check_batch(run: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, example: torch.Tensor) -> float:
     """Largest |logit difference| between the export and eager torch on a batch size the export never saw."""
-    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(5, *example.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return float((run(images) - model(images)).abs().max())
 
@@ -93,7 +94,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, out_path: Path) -> float:
         torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
                           input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},))
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        return _check_batch(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model)
+        return _check_batch(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model, example)
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, out_path: Path) -> float:
@@ -104,4 +105,4 @@ def _torchscript(model: nn.Module, example: torch.Tensor, out_path: Path) -> flo
         with atomic_path(out_path) as tmp:
             traced.save(str(tmp))
             loaded = torch.jit.load(str(tmp))
-            return _check_batch(loaded, model)
+            return _check_batch(loaded, model, example)

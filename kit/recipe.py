@@ -26,11 +26,25 @@ class PaperSpec:
     metric: str = "top-1 validation accuracy"
 
 
+DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.formats)
+VALIDATION = ("test", "split", "none")  # the labelled test set, a stratified split of the training set, or no validation
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: Literal["cifar10", "cifar100"] = "cifar10"
-    root: str = "data"  # directory holding cifar-10-batches-py/ or cifar-100-python/
-    validation: Literal["test_batch", "split"] = "test_batch"
+    format: Literal[DATA_FORMATS] = "cifar"  # cifar: the python pickles; the others read data.train / data.test
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"  # format: cifar
+    root: str = "data"  # cifar: the folder holding cifar-10-batches-py/ or cifar-100-python/; else where paths start
+    train: str = ""  # folder: a folder of class folders; csv: the CSV of ids and labels; pixels: the CSV; npz: the file
+    test: str = ""  # the labelled test set, in the same format ("" when there is none)
+    train_images: str = ""  # csv: the folder of the training images, each named <id>.<extension>
+    test_images: str = ""  # csv: the folder of the labelled test images
+    id_column: str = "id"  # csv, pixels: the CSV's id column (pixels without one: ids are row numbers from 1)
+    label_column: str = "label"  # csv, pixels: the CSV's label column (class names or indices)
+    classes: tuple[str, ...] = ()  # class names in label order; empty: from the data (sorted names, or 0..K-1)
+    image_size: int = field(default=32, metadata={"min": 8})  # pixels per side; every image must have it
+    channels: Literal[1, 3] = 3  # 1: grayscale (images are converted on reading), 3: RGB
+    validation: Literal[VALIDATION] = "test"
     val_fraction: float = fraction(0.2)  # only for validation: split (stratified)
     split_seed: int = 0
 
@@ -154,6 +168,8 @@ def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) ->
     raw = dict(raw or {})
     for item in overrides:
         apply_override(raw, item)
+    if isinstance(raw.get("data"), dict) and raw["data"].get("validation") == "test_batch":  # its name before 0.4
+        raw["data"] = {**raw["data"], "validation": "test"}
     try:
         recipe = build(Recipe, raw, source)
     except KitError as err:
@@ -233,8 +249,28 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
     low, high = recipe.augment.erasing_area
     if low > high:
         raise KitError(f"{source}: augment.erasing_area: [{low}, {high}] must be [smallest, largest] fractions of the image")
+    _check_data(recipe, source)
     if (recipe.augment.mixup_alpha or recipe.augment.cutmix_alpha) and recipe.train.batch_size % 2:
         raise KitError(f"{source}: train.batch_size: mixup/cutmix need an even batch size, got {recipe.train.batch_size}")
+
+
+def _check_data(recipe: Recipe, source: str) -> None:
+    data = recipe.data
+    if data.format != "cifar" and not data.train:
+        raise KitError(f"{source}: data.train: format {data.format} reads the training set from data.train (a path under data.root)")
+    if data.format == "csv" and not data.train_images:
+        raise KitError(f"{source}: data.train_images: format csv needs the folder of the training images")
+    if data.format == "csv" and data.test and not data.test_images:
+        raise KitError(f"{source}: data.test_images: format csv needs the folder of the labelled test images")
+    if data.validation == "test" and data.format != "cifar" and not data.test:
+        raise KitError(f"{source}: data.validation: test needs data.test (a labelled test set); or use split, or none")
+    if data.classes and len(data.classes) != recipe.model.num_classes:
+        raise KitError(f"{source}: data.classes names {len(data.classes)} classes but model.num_classes is {recipe.model.num_classes}")
+    if data.validation == "none":
+        needs = [key for key, on in (("train.early_stopping_patience", recipe.train.early_stopping_patience is not None),
+                                     ("schedule.name: plateau", recipe.schedule.name == "plateau")) if on]
+        if needs:
+            raise KitError(f"{source}: data.validation: none leaves nothing to score, but {needs[0]} needs validation accuracy")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kit.checkpoint import Checkpoint, checkpoint_from_payload, read_payload
-from kit.data import load_dataset
+from kit.data import load_held_out
 from kit.ensemble import load_ensemble
 from kit.io import write_text
 from kit.plots import plot_confusion, plot_curves
@@ -52,7 +52,7 @@ def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, 
     (best,), tta, prec = ensemble.checkpoints, ensemble.tta, ensemble.prec
     device = prec.device
     payload = read_payload(path)
-    data = load_dataset(best.recipe.data, data_root, held_out).held_out
+    data = load_held_out(best.recipe.data, data_root, held_out, best.path)
     images, labels = data.images.to(device), data.labels.numpy()
 
     def accuracy(checkpoint: Checkpoint, views: list) -> tuple[float, np.ndarray]:

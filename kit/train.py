@@ -112,6 +112,8 @@ class Run:
             self.write_metrics()
 
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        if not len(self.held_out):  # data.validation: none
+            return float("nan"), float("nan")
         probs = predict_probs(model, self.held_out.images, self.mean, self.std, [lambda x: x],
                               self.recipe.train.eval_batch_size, self.trainer.prec)
         return probs_loss_acc(probs, self.held_out.labels)
@@ -142,7 +144,10 @@ class Run:
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
         self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
         score, self.weights_from = better_weights(val_acc, ema_acc)
-        if score > self.best_acc:
+        unscored = not len(self.held_out)  # data.validation: none
+        if unscored:  # the last epoch is the best, with its EMA weights when there are some
+            self.weights_from = "ema" if t.ema is not None else "raw"
+        if unscored or score > self.best_acc:
             self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, self.weights_from
         if self.log is not None:
             self.log.write(row)
@@ -285,6 +290,9 @@ def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = Non
     source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
     dataset = load_dataset(recipe.data)
     _check_batch(recipe, len(dataset.train))
+    if len(dataset.classes) > recipe.model.num_classes:
+        raise KitError(f"{source}: the data has {len(dataset.classes)} classes ({', '.join(dataset.classes[:5])}, ...) but "
+                       f"model.num_classes is {recipe.model.num_classes}")
     ranks, dev = distributed.start(device)
     if recipe.train.batch_size % ranks.world_size:
         raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
@@ -304,6 +312,9 @@ def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = Non
         precision, why = choose_precision(recipe.train.precision, dev)
         run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
                  f"{len(dataset.held_out):,} validation images, {dev}, precision {precision} ({why}){processes}, run {run.dir}")
+        if recipe.data.validation == "none":
+            run.echo("validation: none (every labelled image trains): best.pt is the last epoch, with the EMA weights "
+                     "when train.ema_decay is set")
     else:
         inside = f", {run.in_epoch} updates into epoch {run.epoch + 1}" if run.in_epoch else ""
         run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}{inside}")

@@ -46,7 +46,7 @@ def assert_one_line_error(code: int, output: str, *fragments: str) -> None:
 
 # Any recipe at 1/8 width on the digits demo data, in seconds: CIFAR-100 recipes read the 10-class demo set,
 # and compile is off (it is CUDA-only, and its kernels are not what these tests check).
-TINY = ("model.args.width=0.125", "data.dataset=cifar10", "model.num_classes=10", "data.validation=test_batch",
+TINY = ("model.args.width=0.125", "data.dataset=cifar10", "model.num_classes=10", "data.validation=test",
         "train.batch_size=16", "train.compile=none")
 
 

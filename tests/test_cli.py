@@ -70,7 +70,7 @@ def test_wrong_shaped_pickle_fails_in_one_line_with_no_file(trained_run, tmp_pat
     with open(bad, "wb") as f:
         pickle.dump({b"data": np.zeros((4, 16, 16, 3), np.uint8), b"ids": np.arange(4)}, f)
     code, out = run("predict", trained_run, "--test", bad, "--out", tmp_path / "s.csv", "--device", "cpu")
-    assert_one_line_error(code, out, "bad.pkl", "unsupported shape (4, 16, 16, 3)")
+    assert_one_line_error(code, out, "bad.pkl", "has shape (4, 16, 16, 3)")
     assert not list(tmp_path.glob("s.*"))
 
 

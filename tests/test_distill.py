@@ -103,6 +103,14 @@ def _teacher_with_5_classes(trained_run, path):
     return path
 
 
+def _teacher_of_28x28_images(trained_run, path):
+    payload = read_payload(trained_run)
+    payload.pop("path")
+    payload["recipe"]["data"]["image_size"] = 28  # the model pools adaptively: it builds at any size
+    torch.save(payload, path)
+    return path
+
+
 def test_bad_teachers_fail_in_one_line(trained_run, demo_data, tmp_path):
     demo = ROOT / "recipes" / "demo.yaml"
     junk = tmp_path / "junk.pt"
@@ -110,6 +118,8 @@ def test_bad_teachers_fail_in_one_line(trained_run, demo_data, tmp_path):
     five = _teacher_with_5_classes(trained_run, tmp_path / "five.pt")
     cases = [
         ([five], [], ["five.pt: a teacher with 5 classes cannot teach a student with 10"]),
+        ([_teacher_of_28x28_images(trained_run, tmp_path / "small.pt")], [],
+         ["small.pt: a teacher of 28x28 images with 3 channel(s) cannot teach a student of 32x32 with 3"]),
         ([tmp_path / "none.pt"], [], ["none.pt: checkpoint not found"]),
         ([junk], [], ["junk.pt: not a readable kit checkpoint"]),
         ([trained_run], ["--set", "budget.max_params=1000"], ["78,042 parameters, over the budget of 1,000"]),

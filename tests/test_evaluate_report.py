@@ -7,8 +7,9 @@ import torch
 from conftest import quiet
 from sklearn.metrics import classification_report
 
+from kit.blend import greedy_selection, selection_halves, topk
 from kit.errors import KitError
-from kit.evaluate import evaluate, greedy_selection, topk
+from kit.evaluate import evaluate
 from kit.report import confused_pairs, per_class_table, report
 from kit.submission import check_submission
 
@@ -117,7 +118,6 @@ def test_check_submission_catches_each_defect(tmp_path, pkl, text, message):
 
 
 def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
-    from kit.evaluate import selection_halves
     labels = torch.arange(300) % 10
     choose, report = selection_halves(labels, 0.5)
     assert len(choose) == len(report) == 150 and not set(choose.tolist()) & set(report.tolist())

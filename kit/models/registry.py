@@ -79,16 +79,20 @@ def resnet_tiny() -> ResNetConfig:
     return ResNetConfig(blocks=(1, 1, 1), channels=(16, 32, 64))
 
 
-def create_model(name: str, num_classes: int, args: dict | None = None,
-                 pretrained_path: str | None = None, source: str = "recipe") -> nn.Module:
-    """Build a model by registered name, `timm:NAME` or `torchvision:NAME`; load local weights if given."""
+def create_model(name: str, num_classes: int, args: dict | None = None, pretrained_path: str | None = None,
+                 source: str = "recipe", in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Build a model by registered name, `timm:NAME` or `torchvision:NAME` for `in_channels` x image_size x image_size
+    inputs; load local weights if given."""
     args = dict(args or {})
     if name.startswith("timm:"):
-        model = _create_timm(name[5:], num_classes, args, source)
+        model = _create_timm(name[5:], num_classes, {"in_chans": in_channels, **args}, source)
     elif name.startswith("torchvision:"):
+        if in_channels != 3:
+            raise KitError(f"{source}: model.name: torchvision's models take 3 channels, but data.channels is {in_channels}; "
+                           f"use a kit preset or timm:NAME (in_chans)")
         model = _create_torchvision(name[12:], num_classes, args, source)
     else:
-        model = ResNet(preset_config(name, args, source), num_classes)
+        model = ResNet(preset_config(name, {"input_size": image_size, **args}, source), num_classes, in_channels)
     if pretrained_path:
         load_pretrained(model, pretrained_path)
     return model
@@ -148,7 +152,8 @@ def build_model(recipe: Recipe, source: str = "recipe", check_budget: bool = Tru
     """Build the recipe's model; over-budget models fail here with the count and the budget."""
     spec = recipe.model
     try:
-        model = create_model(spec.name, spec.num_classes, spec.args, spec.pretrained_path, source)
+        model = create_model(spec.name, spec.num_classes, spec.args, spec.pretrained_path, source, recipe.data.channels,
+                             recipe.data.image_size)
     except ValueError as err:
         raise KitError(f"{source}: model.args: {err}") from None
     limit = recipe.budget.max_params

@@ -22,7 +22,11 @@ from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 WHITEN_KERNEL = 2
-WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL ** 2  # every whitening direction of a 2x2x3 patch, and its negation
+
+
+def whiten_width(in_channels: int) -> int:
+    """Every whitening direction of a 2x2xC patch, and its negation."""
+    return 2 * in_channels * WHITEN_KERNEL ** 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class ResNetConfig:
     pool: Literal["adaptive", "fixed"] = "adaptive"
     pool_kernel: int = field(default=4, metadata={"min": 1})  # for pool: fixed (average pool)
     width: float = field(default=1.0, metadata={"gt": 0})  # multiplies stem width and every stage's channels
-    input_size: int = field(default=32, metadata={"min": 8})  # sizes the classifier when pool: fixed
+    input_size: int = field(default=32, metadata={"min": 8})  # sizes the classifier when pool: fixed (default: data.image_size)
 
     def __post_init__(self):
         if len(self.blocks) != len(self.channels):
@@ -103,13 +107,13 @@ class PreActBlock(nn.Module):
 class ResNet(nn.Module):
     """stem -> stage1..stageN -> (final BN-act for preact) -> pool -> fc."""
 
-    def __init__(self, cfg: ResNetConfig, num_classes: int):
+    def __init__(self, cfg: ResNetConfig, num_classes: int, in_channels: int = 3):
         super().__init__()
         channels = [max(1, round(c * cfg.width)) for c in cfg.channels]
         stem_width = max(1, round((cfg.stem_width or cfg.channels[0]) * cfg.width))
         if cfg.stem == "whiten":
-            stem_width = WHITEN_WIDTH
-        self.stem = self._stem(cfg, stem_width)
+            stem_width = whiten_width(in_channels)
+        self.stem = self._stem(cfg, stem_width, in_channels)
         block = BasicBlock if cfg.block == "basic" else PreActBlock
         cin = stem_width
         for index, (count, cout) in enumerate(zip(cfg.blocks, channels)):
@@ -131,12 +135,12 @@ class ResNet(nn.Module):
                     nn.init.zeros_(target.weight)  # basic: the branch's last BN; preact: its last conv
 
     @staticmethod
-    def _stem(cfg: ResNetConfig, width: int) -> nn.Sequential:
+    def _stem(cfg: ResNetConfig, width: int, in_channels: int) -> nn.Sequential:
         act = ACTIVATIONS[cfg.activation]
         if cfg.stem == "whiten":
-            return nn.Sequential(nn.Conv2d(3, width, WHITEN_KERNEL, bias=True), act())
+            return nn.Sequential(nn.Conv2d(in_channels, width, WHITEN_KERNEL, bias=True), act())
         kernel, stride = (3, 1) if cfg.stem == "cifar" else (7, 2)
-        layers: list[nn.Module] = [_conv(3, width, kernel, stride)]
+        layers: list[nn.Module] = [_conv(in_channels, width, kernel, stride)]
         if cfg.block == "basic":
             layers += [nn.BatchNorm2d(width), act()]
         if cfg.stem == "imagenet":
@@ -153,7 +157,7 @@ class ResNet(nn.Module):
             raise ValueError(f"pool_kernel {cfg.pool_kernel} is larger than the final {size}x{size} feature map")
         return side * side
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)
         x = self.stem(x)
         for index in range(self.num_stages):
             x = getattr(self, f"stage{index + 1}")(x)
@@ -165,19 +169,19 @@ def whiten_stem(model: nn.Module) -> nn.Conv2d | None:
     """The whiten stem's convolution, or None when the model has another stem."""
     stem = getattr(model, "stem", None)
     conv = stem[0] if isinstance(stem, nn.Sequential) and len(stem) and isinstance(stem[0], nn.Conv2d) else None
-    if conv is None or conv.kernel_size != (WHITEN_KERNEL, WHITEN_KERNEL) or conv.out_channels != WHITEN_WIDTH:
+    if conv is None or conv.kernel_size != (WHITEN_KERNEL, WHITEN_KERNEL) or conv.out_channels != whiten_width(conv.in_channels):
         return None
     return conv
 
 
 @torch.no_grad()
 def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
-    """Set a whiten stem's filters from normalized training images (B, 3, H, W): the eigenvectors of the
+    """Set a whiten stem's filters from normalized training images (B, C, H, W): the eigenvectors of the
     2x2 patch covariance scaled by 1/sqrt(eigenvalue + eps), and their negations (Keller Jordan's airbench)."""
-    k = WHITEN_KERNEL
-    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)  # (M, 12)
+    k, c = WHITEN_KERNEL, images.shape[1]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, c * k * k)  # (M, 4C)
     patches = patches - patches.mean(0)
     cov = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
-    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).float().view(-1, 3, k, k)  # patches are (C, kh, kw)
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).float().view(-1, c, k, k)  # patches are (C, kh, kw)
     conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))

@@ -80,7 +80,9 @@ def make_plan(recipe_path: str, overrides: tuple[str, ...], grid: tuple[str, ...
           trials: int | None) -> SweepPlan:
     if bool(grid) == bool(space):
         raise KitError("give either --grid KEY=V1,V2 (repeatable) or --space SPACE.yaml --trials N")
-    load_recipe(recipe_path, overrides)  # the base recipe must be valid before any trial starts
+    base = load_recipe(recipe_path, overrides)  # the base recipe must be valid before any trial starts
+    if base.data.validation == "none":
+        raise KitError(f"{recipe_path}: data.validation: none leaves nothing to compare trials on; sweep with split or test")
     recipe = str(Path(recipe_path).resolve())
     if grid:
         parsed = parse_grid(grid)

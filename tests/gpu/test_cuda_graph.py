@@ -29,7 +29,7 @@ TIMING = ["seconds", "images_per_s"]
 
 def _trainer(name: str, demo_data, capture: bool, compile_mode: str = "none", precision: str = "auto"):
     """The recipe at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
-    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test_batch",
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test",
                                                                "train.batch_size=64", f"train.precision={precision}"))
     trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
     trainer.capture = capture and trainer.capture

@@ -1,0 +1,294 @@
+"""Labelled and unlabelled images stored the ways small-image competitions ship them, decoded once into
+the uint8 (N, C, S, S) tensors the engine takes:
+
+- folder: one sub-folder per class (torchvision's ImageFolder; Tiny ImageNet); an unlabelled set is one flat folder;
+- csv: a folder of images named <id>.<extension> and a CSV of ids and labels (Kaggle's CIFAR-10);
+- pixels: a CSV of pixel columns, row-major (H, W, C), plus a label column (Kaggle's Digit Recognizer);
+- npz: numpy arrays `images` and `labels` (or `train_images`, `test_labels`, ... as MedMNIST names them),
+  optional `ids` and `classes`.
+
+Labels are class names or indices. Every problem is one KitError naming the file and, for a CSV, the row."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kit.errors import KitError
+from kit.recipe import DataSpec
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DECODE_THREADS = 8  # PIL releases the GIL while decoding
+
+
+def csv_row(index: int) -> int:
+    """The line number of a data row in its CSV file (the header is line 1)."""
+    return index + 2
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text, with one-line errors for a missing or unreadable file."""
+    if not path.is_file():
+        raise KitError(f"{path}: not found")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise KitError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+
+
+def ids_from_text(texts: list[str]) -> np.ndarray:
+    """Ids as int64 when every one is an integer (so `7` and `07` sort and match as numbers), else as text."""
+    try:
+        return np.array([int(t) for t in texts], dtype=np.int64)
+    except ValueError:
+        return np.array(texts, dtype=object)
+
+
+def label_indices(labels: list, classes: list[str] | None, path: Path, rows: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Class indices for labels given as names or indices; `classes` None: learned from these labels (every label
+    an integer: indices 0..max; else the sorted names). `rows[i]` says where label i is, for the error."""
+    texts = [str(v) for v in labels]
+    if classes is None:
+        if all(t.lstrip("-").isdigit() for t in texts) and texts:
+            values = np.array([int(t) for t in texts], dtype=np.int64)
+            if values.min() < 0:
+                bad = int(np.argmin(values))
+                raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is negative")
+            return values, [str(i) for i in range(int(values.max()) + 1)]
+        classes = sorted(set(texts))
+    index = {name: i for i, name in enumerate(classes)}
+    out = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        if text in index:
+            out[i] = index[text]
+        elif text.isdigit() and int(text) < len(classes):
+            out[i] = int(text)
+        else:
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise KitError(f"{path}: {rows[i]}: label {text!r} is not a class ({shown})")
+    return out, list(classes)
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """{file stem: path} of the image files directly in `folder` (other files are ignored)."""
+    if not folder.is_dir():
+        raise KitError(f"{folder}: image folder not found")
+    found: dict[str, Path] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
+            if path.stem in found:
+                raise KitError(f"{path}: a second image for id {path.stem!r} (also {found[path.stem].name})")
+            found[path.stem] = path
+    return found
+
+
+def decode_images(paths: list[Path], size: int, channels: int, where: list[str] | None = None) -> torch.Tensor:
+    """(N, channels, size, size) uint8, decoded in threads; grayscale and colour files are converted to `channels`.
+    An image that is missing, unreadable or of another size fails with its path (and `where[i]`, e.g. a CSV row)."""
+    from PIL import Image, UnidentifiedImageError
+    mode = "L" if channels == 1 else "RGB"
+
+    def one(i: int) -> np.ndarray:
+        path = paths[i]
+        at = f" ({where[i]})" if where else ""
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if (width, height) != (size, size):
+                    raise KitError(f"{path}{at}: {width}x{height} pixels, but every image must be {size}x{size} (data.image_size)")
+                pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+        except FileNotFoundError:
+            raise KitError(f"{path}{at}: image not found") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise KitError(f"{path}{at}: not a readable image ({type(err).__name__})") from None
+        return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+    if not paths:
+        return torch.zeros((0, channels, size, size), dtype=torch.uint8)
+    with ThreadPoolExecutor(min(DECODE_THREADS, len(paths))) as pool:
+        return torch.from_numpy(np.stack(list(pool.map(one, range(len(paths))))))
+
+
+def to_chw(path: Path, data: np.ndarray, size: int, channels: int, key: str) -> np.ndarray:
+    """Images stored (N, S, S, C), (N, C, S, S), (N, S, S) for one channel, or (N, C*S*S) rows, as (N, C, S, S)."""
+    if data.dtype != np.uint8:
+        raise KitError(f"{path}: {key} has dtype {data.dtype}; expected uint8 pixels 0..255")
+    s, c = size, channels
+    if data.ndim == 4 and data.shape[1:] == (s, s, c):
+        return data.transpose(0, 3, 1, 2)
+    if data.ndim == 4 and data.shape[1:] == (c, s, s):
+        return data
+    if data.ndim == 3 and c == 1 and data.shape[1:] == (s, s):
+        return data[:, None]
+    if data.ndim == 2 and data.shape[1] == c * s * s:
+        return data.reshape(-1, c, s, s)
+    raise KitError(f"{path}: {key} has shape {data.shape}; expected (N, {s}, {s}, {c}), (N, {c}, {s}, {s}) or (N, {c * s * s}) "
+                   f"for {s}x{s} images with {c} channel{'s' if c > 1 else ''} (data.image_size, data.channels)")
+
+
+class Read:
+    """Images as read, before their labels become indices: ids, raw labels (None: unlabelled) and, for each
+    image, where it came from (a CSV row, a file) for error messages."""
+
+    def __init__(self, path: Path, images: torch.Tensor, ids: np.ndarray, labels: list | None, where: list[str], layout: str):
+        self.path, self.images, self.ids, self.labels, self.where, self.layout = path, images, ids, labels, where, layout
+
+
+def read_class_folders(folder: Path, size: int, channels: int) -> Read:
+    """folder/<class>/<image>: the class is the sub-folder's name."""
+    if not folder.is_dir():
+        raise KitError(f"{folder}: folder not found; expected one sub-folder of images per class")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise KitError(f"{folder}: no class sub-folders; expected <class>/<image> files (like torchvision's ImageFolder)")
+    paths, labels = [], []
+    for class_dir in class_dirs:
+        images = list_images(class_dir)
+        paths += images.values()
+        labels += [class_dir.name] * len(images)
+    if not paths:
+        raise KitError(f"{folder}: the class sub-folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    where = [str(p) for p in paths]
+    ids = np.array([f"{p.parent.name}/{p.stem}" for p in paths], dtype=object)
+    return Read(folder, decode_images(paths, size, channels), ids, labels, where, "a folder per class")
+
+
+def read_flat_folder(folder: Path, size: int, channels: int) -> Read:
+    """An unlabelled folder of images; the ids are the file names without extension, in numeric order when
+    every one is an integer."""
+    images = list_images(folder)
+    if not images:
+        raise KitError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    ids = ids_from_text(list(images))
+    order = np.argsort(ids, kind="stable")
+    paths = [images[stem] for stem in np.array(list(images), dtype=object)[order]]
+    return Read(folder, decode_images(paths, size, channels), ids[order], None, [str(p) for p in paths], "a folder of images")
+
+
+def read_csv_and_images(csv_path: Path, folder: Path, spec: DataSpec, labelled: bool = True) -> Read:
+    """A CSV of ids (and labels) and a folder of images named <id>.<extension>: every id has an image, every
+    image an id."""
+    table = read_csv(csv_path)
+    columns = [spec.id_column] + ([spec.label_column] if labelled else [])
+    for column in columns:
+        if column not in table.columns:
+            raise KitError(f"{csv_path}: no column {column!r} (columns: {', '.join(table.columns)}); "
+                           f"set data.id_column / data.label_column")
+    images = list_images(folder)
+    ids = table[spec.id_column].str.strip().tolist()
+    seen: set[str] = set()
+    for i, image_id in enumerate(ids):
+        if image_id in seen:
+            raise KitError(f"{csv_path}: row {csv_row(i)}: id {image_id!r} appears twice")
+        seen.add(image_id)
+        if image_id not in images:
+            raise KitError(f"{csv_path}: row {csv_row(i)}: id {image_id!r} has no image in {folder}")
+    extra = [stem for stem in images if stem not in seen]
+    if extra:
+        raise KitError(f"{images[extra[0]]}: no row of {csv_path} has its id {extra[0]!r}")
+    where = [f"{csv_path.name} row {csv_row(i)}" for i in range(len(ids))]
+    decoded = decode_images([images[i] for i in ids], spec.image_size, spec.channels, where)
+    labels = table[spec.label_column].str.strip().tolist() if labelled else None
+    return Read(csv_path, decoded, ids_from_text(ids), labels, [f"row {csv_row(i)}" for i in range(len(ids))],
+                "a CSV of ids and an image folder")
+
+
+def read_pixels(path: Path, spec: DataSpec, labelled: bool = True) -> Read:
+    """A CSV with one column per pixel value (row-major (H, W, C)), a label column, and an optional id column
+    (without one, the ids are the row numbers counted from 1, like Digit Recognizer's ImageId)."""
+    table = read_csv(path)
+    if labelled and spec.label_column not in table.columns:
+        raise KitError(f"{path}: no column {spec.label_column!r} (data.label_column) among {len(table.columns)} columns")
+    named = [c for c in (spec.id_column, spec.label_column) if c in table.columns]
+    pixel_columns = [c for c in table.columns if c not in named]
+    s, c = spec.image_size, spec.channels
+    if len(pixel_columns) != c * s * s:
+        raise KitError(f"{path}: {len(pixel_columns)} pixel columns, but {s}x{s} images with {c} channel{'s' if c > 1 else ''} "
+                       f"have {c * s * s} (data.image_size, data.channels)")
+    text = table[pixel_columns].to_numpy(dtype=str)
+    numeric = np.char.isdigit(text)
+    if not numeric.all():
+        row, col = np.argwhere(~numeric)[0]
+        raise KitError(f"{path}: row {csv_row(row)}: column {pixel_columns[col]!r} is {str(text[row, col])!r}, not a pixel value 0..255")
+    values = text.astype(np.int64)
+    if values.max(initial=0) > 255:
+        row, col = np.argwhere(values > 255)[0]
+        raise KitError(f"{path}: row {csv_row(row)}: column {pixel_columns[col]!r} is {values[row, col]}, not a pixel value 0..255")
+    images = values.astype(np.uint8).reshape(-1, s, s, c).transpose(0, 3, 1, 2)
+    ids = (ids_from_text(table[spec.id_column].str.strip().tolist()) if spec.id_column in table.columns
+           else np.arange(1, len(table) + 1, dtype=np.int64))
+    labels = table[spec.label_column].str.strip().tolist() if labelled else None
+    return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids, labels,
+                [f"row {csv_row(i)}" for i in range(len(table))], "a CSV of pixel columns")
+
+
+def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Read:
+    """Arrays `images`, `labels`, optional `ids` (else row numbers from 1) and `classes`; or the same with the
+    role as prefix (`train_images`, `test_labels`), as MedMNIST's files hold every split."""
+    found = read_arrays(path)
+
+    def key(name: str, required: bool) -> str | None:
+        for candidate in (name, f"{role}_{name}"):
+            if candidate in found:
+                return candidate
+        if required:
+            raise KitError(f"{path}: no array {name!r} or {role}_{name!r} (arrays: {', '.join(found)})")
+        return None
+
+    images_key = key("images", True)
+    images = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
+    n = len(images)
+    ids_key, labels_key = key("ids", False), key("labels", labelled)
+    ids = found[ids_key].reshape(-1) if ids_key else np.arange(1, n + 1, dtype=np.int64)
+    labels = found[labels_key].reshape(len(found[labels_key]), -1) if labels_key else None
+    for name, array in (("ids", ids), ("labels", labels)):
+        if array is not None and len(array) != n:
+            raise KitError(f"{path}: {n} images but {len(array)} {name}")
+    if labels is not None and labels.shape[1] != 1:
+        raise KitError(f"{path}: {labels_key} has shape {found[labels_key].shape}; expected one label per image")
+    where = [f"image {i}" for i in range(n)]
+    return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids,
+                None if labels is None else labels[:, 0].tolist(), where, "numpy arrays (.npz)")
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz (no pickled objects), with one-line errors for a missing or corrupt file."""
+    if not path.is_file():
+        raise KitError(f"{path}: not found")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except Exception as err:  # numpy raises many types for a corrupt archive
+        raise KitError(f"{path}: not a readable .npz ({type(err).__name__})") from None
+
+
+def npz_classes(path: Path) -> list[str] | None:
+    """The `classes` array of a .npz, when it has one."""
+    with np.load(path, allow_pickle=False) as arrays:
+        return [str(c) for c in arrays["classes"]] if "classes" in arrays.files else None
+
+
+def read_split(spec: DataSpec, root: Path, role: str) -> Read:
+    """The labelled training (`role` train) or test set of a recipe's non-CIFAR format."""
+    path = root / (spec.train if role == "train" else spec.test)
+    if spec.format == "folder":
+        return read_class_folders(path, spec.image_size, spec.channels)
+    if spec.format == "csv":
+        return read_csv_and_images(path, root / (spec.train_images if role == "train" else spec.test_images), spec)
+    if spec.format == "pixels":
+        return read_pixels(path, spec)
+    return read_npz(path, spec, role)
+
+
+def read_unlabelled(path: Path, spec: DataSpec) -> Read:
+    """An unlabelled test set at the recipe's image size and channels: a folder of images, a pixels CSV (a label
+    column, if any, is ignored), or a .npz. (The CIFAR-style pickle is read by kit.data.)"""
+    if path.is_dir():
+        return read_flat_folder(path, spec.image_size, spec.channels)
+    if path.suffix.lower() == ".csv":
+        return read_pixels(path, spec, labelled=False)
+    return read_npz(path, spec, "test", labelled=False)
