@@ -199,7 +199,7 @@ def read_test_ids(path: str | Path) -> np.ndarray:
     from kit.formats import ids_from_text, list_images, read_csv
     path = Path(path)
     if path.is_dir():
-        return np.sort(ids_from_text(list(list_images(path))))
+        return ids_from_text(list(list_images(path)))
     if path.suffix.lower() == ".csv":
         table = read_csv(path)
         return ids_from_text(table["id"].tolist()) if "id" in table.columns else np.arange(1, len(table) + 1)

@@ -40,11 +40,17 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 def ids_from_text(texts: list[str]) -> np.ndarray:
-    """Ids as int64 when every one is an integer (so `7` and `07` sort and match as numbers), else as text."""
-    try:
-        return np.array([int(t) for t in texts], dtype=np.int64)
-    except ValueError:
-        return np.array(texts, dtype=object)
+    """Ids kept as written (a file named `007.png` has the id `007` in the submission); matching goes through
+    kit.submission.id_key, where `7` and `007` are one id."""
+    return np.array(texts, dtype=object)
+
+
+def id_order(ids: np.ndarray) -> np.ndarray:
+    """The order of ids as numbers when every one is an integer, else as text."""
+    texts = [str(i) for i in ids]
+    if all(t.lstrip("-").isdigit() for t in texts):
+        return np.argsort([int(t) for t in texts], kind="stable")
+    return np.argsort(texts, kind="stable")
 
 
 def label_indices(labels: list, classes: list[str] | None, path: Path, rows: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -164,7 +170,7 @@ def read_flat_folder(folder: Path, size: int, channels: int) -> Read:
     if not images:
         raise KitError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     ids = ids_from_text(list(images))
-    order = np.argsort(ids, kind="stable")
+    order = id_order(ids)
     paths = [images[stem] for stem in np.array(list(images), dtype=object)[order]]
     return Read(folder, decode_images(paths, size, channels), ids[order], None, [str(p) for p in paths], "a folder of images")
 

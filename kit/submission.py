@@ -26,7 +26,7 @@ class SubmissionFormat:
     label_columns: tuple[str, ...] = ("Labels",)  # empty for probs without a template: the class names
     style: str = "index"
     template: Path | None = None  # the sample submission it came from
-    order: tuple[str, ...] | None = None  # the template's ids (as text) in its row order
+    order: tuple[str, ...] | None = None  # the template's ids, as it writes them, in its row order
 
 
 def id_key(value) -> str:
@@ -60,9 +60,9 @@ def format_from_template(path: str | Path, classes: list[str] | None = None) -> 
     if len(table.columns) < 2 or table.empty:
         raise KitError(f"{path}: a sample submission needs an id column, at least one label column and one row per test id")
     id_column, label_columns = table.columns[0], tuple(table.columns[1:])
-    ids = [id_key(v) for v in table[id_column]]
+    ids = table[id_column].str.strip().tolist()
     seen: set[str] = set()
-    for i, image_id in enumerate(ids):
+    for i, image_id in enumerate(map(id_key, ids)):
         if image_id in seen:
             raise KitError(f"{path}: row {csv_row(i)}: id {table[id_column][i]!r} appears twice")
         seen.add(image_id)
@@ -91,7 +91,8 @@ def submission_table(fmt: SubmissionFormat, ids: np.ndarray, probs: np.ndarray, 
     fmt = with_classes(fmt, classes)
     order = template_order(fmt, ids, test_path)
     probs = probs[order]
-    table = pd.DataFrame({fmt.id_column: np.asarray(ids, dtype=object)[order]})
+    written = fmt.order if fmt.order is not None else np.asarray(ids, dtype=object)  # a template's ids as it spells them
+    table = pd.DataFrame({fmt.id_column: written})
     if fmt.style == "index":
         table[fmt.label_columns[0]] = probs.argmax(1)
     elif fmt.style == "name":
@@ -110,13 +111,14 @@ def template_order(fmt: SubmissionFormat, ids, test_path) -> np.ndarray:
     if fmt.order is None:
         return np.arange(len(ids))
     position = {id_key(k): i for i, k in enumerate(ids)}
-    for i, key in enumerate(fmt.order):
+    keys = [id_key(k) for k in fmt.order]
+    for i, key in enumerate(keys):
         if key not in position:
-            raise KitError(f"{fmt.template}: row {csv_row(i)}: id {key!r} is not in the test set {test_path}")
-    missing = set(position) - set(fmt.order)
+            raise KitError(f"{fmt.template}: row {csv_row(i)}: id {fmt.order[i]!r} is not in the test set {test_path}")
+    missing = set(position) - set(keys)
     if missing:
         raise KitError(f"{fmt.template}: no row for the test set's id {sorted(missing)[0]!r} ({len(missing)} missing; {test_path})")
-    return np.array([position[k] for k in fmt.order])
+    return np.array([position[k] for k in keys])
 
 
 def write_submission(table: pd.DataFrame, path: str | Path) -> None:
@@ -163,7 +165,7 @@ def check_submission(csv_path: str | Path, test_path: str | Path | None = None, 
         wanted, source = [id_key(i) for i in read_test_ids(test_path)], test_path
         template_order(fmt, wanted, test_path)
     elif fmt.order is not None:
-        wanted, source = list(fmt.order), fmt.template
+        wanted, source = [id_key(i) for i in fmt.order], fmt.template
     if wanted is not None:
         extra, missing = sorted(set(got) - set(wanted)), sorted(set(wanted) - set(got))
         if extra:

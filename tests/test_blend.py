@@ -28,7 +28,7 @@ def test_a_template_sets_header_order_and_label_style(tmp_path, sample, columns,
     fmt = format_from_template(_write(tmp_path / "sample.csv", sample), CLASSES)
     table = submission_table(fmt, IDS, PROBS, CLASSES, "test.pkl")
     assert fmt.style == style and list(table.columns) == columns
-    assert table[fmt.id_column].tolist() == [12, 10, 11]  # the template's row order
+    assert table[fmt.id_column].tolist() == ["12", "10", "11"]  # the template's row order
     assert [str(v) for v in table.iloc[0]] == first_row
 
 
@@ -38,6 +38,23 @@ def test_one_probability_column_is_the_second_class_of_two(tmp_path):
     assert fmt.style == "probs" and table["target"].tolist() == [0.75, 0.1]
     with pytest.raises(KitError, match="one probability column suits two classes; the model has 3"):
         format_from_template(tmp_path / "s.csv", CLASSES)
+
+
+def test_ids_are_written_as_the_files_and_the_template_spell_them(tmp_path):
+    from PIL import Image
+
+    from kit.data import read_test_set
+    from kit.recipe import DataSpec
+    for name in ("010", "007", "9"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{name}.png")
+    test = read_test_set(tmp_path, DataSpec(image_size=8))
+    assert test.ids.tolist() == ["007", "9", "010"]  # numeric order, spelled as the files are
+    probs = np.eye(3)
+    plain = submission_table(format_from_options(), test.ids, probs, CLASSES, tmp_path)
+    assert plain.ID.tolist() == ["007", "9", "010"] and plain.Labels.tolist() == [0, 1, 2]
+    fmt = format_from_template(_write(tmp_path / "s.csv", "id,label\n10,x\n7,x\n09,x\n"), CLASSES)
+    table = submission_table(fmt, test.ids, probs, CLASSES, tmp_path)
+    assert table.id.tolist() == ["10", "7", "09"] and table.label.tolist() == ["frog", "cat", "dog"]
 
 
 def test_options_without_a_template(tmp_path):
