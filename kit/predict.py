@@ -12,7 +12,8 @@ from kit.checkpoint import Checkpoint
 from kit.data import read_test_set
 from kit.ensemble import ensemble_probs, load_ensemble
 from kit.recipe import DEFAULT_MAX_PARAMS
-from kit.submission import SubmissionFormat, format_from_template, submission_table, template_order, write_probs, write_submission
+from kit.submission import (SubmissionFormat, format_from_template, submission_table, template_order, with_classes, write_probs,
+                            write_submission)
 
 
 def default_out(checkpoints: list[Checkpoint]) -> Path:
@@ -30,7 +31,7 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     checkpoints, weights, views = ensemble.checkpoints, ensemble.blend, ensemble.views
     classes = checkpoints[0].classes
     test = read_test_set(test_path, checkpoints[0].recipe.data)
-    fmt = format_from_template(template, classes) if template else fmt or SubmissionFormat()
+    fmt = with_classes(format_from_template(template, classes) if template else fmt or SubmissionFormat(), classes)
     template_order(fmt, test.ids, test_path)
     start = time.perf_counter()
     if adapt_bn:
