@@ -17,7 +17,8 @@ import torch
 from kit.ensemble import ensemble_probs
 from kit.errors import KitError
 from kit.formats import read_arrays
-from kit.submission import SubmissionFormat, format_from_template, id_key, submission_table, write_probs, write_submission
+from kit.submission import (SubmissionFormat, format_from_template, id_key, submission_table, template_order, write_probs,
+                            write_submission)
 
 
 def topk(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -129,7 +130,7 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
         raise KitError(f"{unlabelled[0]}: {test.shape[2]} classes but {labelled[0]} has {scored.shape[2]}")
     classes = first.classes or test_first.classes or [str(i) for i in range(scored.shape[2])]
     fmt = format_from_template(template, classes) if template else fmt or SubmissionFormat()
-    submission_table(fmt, test_first.ids, test[0].numpy(), classes, unlabelled[0])  # the template's ids, checked first
+    template_order(fmt, test_first.ids, unlabelled[0])  # the template's ids, checked before anything is written
     labels = first.labels
     choose = report = torch.arange(len(labels))
     if select_on < 1:

@@ -158,9 +158,9 @@ def read_cifar(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled, list[str
 
 def read_other(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled | None, list[str]]:
     """Training and labelled test set (None without data.test) of the folder, csv, pixels and npz formats."""
-    from kit.formats import label_indices, npz_classes, read_split
+    from kit.formats import label_indices, read_split
     read = read_split(spec, root, "train")
-    classes = list(spec.classes) or (npz_classes(read.path) if spec.format == "npz" else None)
+    classes = list(spec.classes) or read.classes
     labels, classes = label_indices(read.labels, classes, read.path, read.where)
     train = Labelled(read.images, torch.from_numpy(labels))
     test = None
@@ -183,11 +183,11 @@ def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
     images, a pixels CSV or a .npz (kit.formats). Ids must be unique."""
     from kit.formats import read_unlabelled
     path, spec = Path(path), spec or DataSpec()
-    if path.is_dir() or path.suffix.lower() in (".csv", ".npz"):
+    if is_pickle(path):
+        test = read_test_pickle(path, spec.image_size, spec.channels)
+    else:
         read = read_unlabelled(path, spec)
         test = TestSet(read.ids, read.images, read.layout)
-    else:
-        test = read_test_pickle(path, spec.image_size, spec.channels)
     unique, counts = np.unique([str(i) for i in test.ids], return_counts=True)
     if (counts > 1).any():
         raise KitError(f"{path}: the ids have duplicates (e.g. {unique[counts > 1][0]} appears {counts.max()} times)")
@@ -196,24 +196,19 @@ def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
 
 def read_test_ids(path: str | Path) -> np.ndarray:
     """Only the ids of an unlabelled test set in any format (to check a submission without knowing the image size)."""
-    from kit.formats import ids_from_text, list_images, read_csv
+    from kit.formats import unlabelled_ids
     path = Path(path)
-    if path.is_dir():
-        return ids_from_text(list(list_images(path)))
-    if path.suffix.lower() == ".csv":
-        table = read_csv(path)
-        return ids_from_text(table["id"].tolist()) if "id" in table.columns else np.arange(1, len(table) + 1)
-    if path.suffix.lower() == ".npz":
-        from kit.formats import read_arrays
-        arrays = read_arrays(path)
-        images = next((arrays[k] for k in ("images", "test_images") if k in arrays), None)
-        if images is None:
-            raise KitError(f"{path}: no array 'images' or 'test_images' (arrays: {', '.join(arrays)})")
-        return arrays["ids"].reshape(-1) if "ids" in arrays else np.arange(1, len(images) + 1)
+    if not is_pickle(path):
+        return unlabelled_ids(path)
     obj = read_pickle(path, "the competition test pickle {b'data', b'ids'}")
     if b"ids" not in obj:
         raise KitError(f"{path}: no b'ids' entry")
     return np.asarray(obj[b"ids"])
+
+
+def is_pickle(path: Path) -> bool:
+    """An unlabelled set that is the competition's pickle, not a folder, a pixels CSV or a .npz (kit.formats)."""
+    return not path.is_dir() and path.suffix.lower() not in (".csv", ".npz")
 
 
 def read_test_pickle(path: str | Path, size: int = 32, channels: int = 3) -> TestSet:

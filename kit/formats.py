@@ -45,6 +45,16 @@ def ids_from_text(texts: list[str]) -> np.ndarray:
     return np.array(texts, dtype=object)
 
 
+def row_ids(n: int) -> np.ndarray:
+    """The ids of a file that has none: the row numbers counted from 1 (Digit Recognizer's ImageId)."""
+    return np.arange(1, n + 1, dtype=np.int64)
+
+
+def table_ids(table: pd.DataFrame, id_column: str) -> np.ndarray:
+    """A CSV's id column, or its row numbers from 1 when it has none."""
+    return ids_from_text(table[id_column].str.strip().tolist()) if id_column in table.columns else row_ids(len(table))
+
+
 def id_order(ids: np.ndarray) -> np.ndarray:
     """The order of ids as numbers when every one is an integer, else as text."""
     texts = [str(i) for i in ids]
@@ -137,11 +147,13 @@ def to_chw(path: Path, data: np.ndarray, size: int, channels: int, key: str) -> 
 
 
 class Read:
-    """Images as read, before their labels become indices: ids, raw labels (None: unlabelled) and, for each
-    image, where it came from (a CSV row, a file) for error messages."""
+    """Images as read, before their labels become indices: ids, raw labels (None: unlabelled), for each image where
+    it came from (a CSV row, a file) for error messages, and the class names when the file lists them (.npz)."""
 
-    def __init__(self, path: Path, images: torch.Tensor, ids: np.ndarray, labels: list | None, where: list[str], layout: str):
+    def __init__(self, path: Path, images: torch.Tensor, ids: np.ndarray, labels: list | None, where: list[str], layout: str,
+                 classes: list[str] | None = None):
         self.path, self.images, self.ids, self.labels, self.where, self.layout = path, images, ids, labels, where, layout
+        self.classes = classes
 
 
 def read_class_folders(folder: Path, size: int, channels: int) -> Read:
@@ -170,17 +182,16 @@ def read_flat_folder(folder: Path, size: int, channels: int) -> Read:
     if not images:
         raise KitError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     ids = ids_from_text(list(images))
-    order = id_order(ids)
-    paths = [images[stem] for stem in np.array(list(images), dtype=object)[order]]
-    return Read(folder, decode_images(paths, size, channels), ids[order], None, [str(p) for p in paths], "a folder of images")
+    ids = ids[id_order(ids)]
+    paths = [images[stem] for stem in ids]
+    return Read(folder, decode_images(paths, size, channels), ids, None, [str(p) for p in paths], "a folder of images")
 
 
-def read_csv_and_images(csv_path: Path, folder: Path, spec: DataSpec, labelled: bool = True) -> Read:
-    """A CSV of ids (and labels) and a folder of images named <id>.<extension>: every id has an image, every
+def read_csv_and_images(csv_path: Path, folder: Path, spec: DataSpec) -> Read:
+    """A CSV of ids and labels and a folder of images named <id>.<extension>: every id has an image, every
     image an id."""
     table = read_csv(csv_path)
-    columns = [spec.id_column] + ([spec.label_column] if labelled else [])
-    for column in columns:
+    for column in (spec.id_column, spec.label_column):
         if column not in table.columns:
             raise KitError(f"{csv_path}: no column {column!r} (columns: {', '.join(table.columns)}); "
                            f"set data.id_column / data.label_column")
@@ -198,7 +209,7 @@ def read_csv_and_images(csv_path: Path, folder: Path, spec: DataSpec, labelled: 
         raise KitError(f"{images[extra[0]]}: no row of {csv_path} has its id {extra[0]!r}")
     where = [f"{csv_path.name} row {csv_row(i)}" for i in range(len(ids))]
     decoded = decode_images([images[i] for i in ids], spec.image_size, spec.channels, where)
-    labels = table[spec.label_column].str.strip().tolist() if labelled else None
+    labels = table[spec.label_column].str.strip().tolist()
     return Read(csv_path, decoded, ids_from_text(ids), labels, [f"row {csv_row(i)}" for i in range(len(ids))],
                 "a CSV of ids and an image folder")
 
@@ -225,8 +236,7 @@ def read_pixels(path: Path, spec: DataSpec, labelled: bool = True) -> Read:
         row, col = np.argwhere(values > 255)[0]
         raise KitError(f"{path}: row {csv_row(row)}: column {pixel_columns[col]!r} is {values[row, col]}, not a pixel value 0..255")
     images = values.astype(np.uint8).reshape(-1, s, s, c).transpose(0, 3, 1, 2)
-    ids = (ids_from_text(table[spec.id_column].str.strip().tolist()) if spec.id_column in table.columns
-           else np.arange(1, len(table) + 1, dtype=np.int64))
+    ids = table_ids(table, spec.id_column)
     labels = table[spec.label_column].str.strip().tolist() if labelled else None
     return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids, labels,
                 [f"row {csv_row(i)}" for i in range(len(table))], "a CSV of pixel columns")
@@ -236,20 +246,11 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     """Arrays `images`, `labels`, optional `ids` (else row numbers from 1) and `classes`; or the same with the
     role as prefix (`train_images`, `test_labels`), as MedMNIST's files hold every split."""
     found = read_arrays(path)
-
-    def key(name: str, required: bool) -> str | None:
-        for candidate in (name, f"{role}_{name}"):
-            if candidate in found:
-                return candidate
-        if required:
-            raise KitError(f"{path}: no array {name!r} or {role}_{name!r} (arrays: {', '.join(found)})")
-        return None
-
-    images_key = key("images", True)
+    images_key = npz_key(found, path, role, "images", True)
     images = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
     n = len(images)
-    ids_key, labels_key = key("ids", False), key("labels", labelled)
-    ids = found[ids_key].reshape(-1) if ids_key else np.arange(1, n + 1, dtype=np.int64)
+    ids_key, labels_key = npz_key(found, path, role, "ids", False), npz_key(found, path, role, "labels", labelled)
+    ids = found[ids_key].reshape(-1) if ids_key else row_ids(n)
     labels = found[labels_key].reshape(len(found[labels_key]), -1) if labels_key else None
     for name, array in (("ids", ids), ("labels", labels)):
         if array is not None and len(array) != n:
@@ -257,8 +258,19 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     if labels is not None and labels.shape[1] != 1:
         raise KitError(f"{path}: {labels_key} has shape {found[labels_key].shape}; expected one label per image")
     where = [f"image {i}" for i in range(n)]
+    classes = [str(c) for c in found["classes"]] if "classes" in found else None
     return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids,
-                None if labels is None else labels[:, 0].tolist(), where, "numpy arrays (.npz)")
+                None if labels is None else labels[:, 0].tolist(), where, "numpy arrays (.npz)", classes)
+
+
+def npz_key(found: dict[str, np.ndarray], path: Path, role: str, name: str, required: bool) -> str | None:
+    """The array `name`, or `<role>_name` (MedMNIST's `train_images`); None (or an error when required) without it."""
+    for candidate in (name, f"{role}_{name}"):
+        if candidate in found:
+            return candidate
+    if required:
+        raise KitError(f"{path}: no array {name!r} or {role}_{name!r} (arrays: {', '.join(found)})")
+    return None
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -270,12 +282,6 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
             return {key: arrays[key] for key in arrays.files}
     except Exception as err:  # numpy raises many types for a corrupt archive
         raise KitError(f"{path}: not a readable .npz ({type(err).__name__})") from None
-
-
-def npz_classes(path: Path) -> list[str] | None:
-    """The `classes` array of a .npz, when it has one."""
-    with np.load(path, allow_pickle=False) as arrays:
-        return [str(c) for c in arrays["classes"]] if "classes" in arrays.files else None
 
 
 def read_split(spec: DataSpec, root: Path, role: str) -> Read:
@@ -298,3 +304,15 @@ def read_unlabelled(path: Path, spec: DataSpec) -> Read:
     if path.suffix.lower() == ".csv":
         return read_pixels(path, spec, labelled=False)
     return read_npz(path, spec, "test", labelled=False)
+
+
+def unlabelled_ids(path: Path, id_column: str = "id") -> np.ndarray:
+    """Only the ids of an unlabelled folder, pixels CSV or .npz, by the rules the readers above use, without decoding
+    a single image (so at any image size)."""
+    if path.is_dir():
+        return ids_from_text(list(list_images(path)))
+    if path.suffix.lower() == ".csv":
+        return table_ids(read_csv(path), id_column)
+    found = read_arrays(path)
+    ids_key = npz_key(found, path, "test", "ids", False)
+    return found[ids_key].reshape(-1) if ids_key else row_ids(len(found[npz_key(found, path, "test", "images", True)]))
