@@ -232,7 +232,8 @@ def test_bad_npz_and_folders(tmp_path):
 
 
 def test_the_command_lines_choice_lists_are_the_modules():
-    """kit.cli keeps copies so that parsing arguments does not import torch; they must not drift."""
-    from kit import cli, data, demo_data, recipe, submission
+    """kit.cli_options keeps copies so that parsing arguments does not import torch; they must not drift."""
+    from kit import cli_options as cli
+    from kit import data, demo_data, recipe, submission
     assert cli.LABEL_STYLES == submission.LABEL_STYLES and cli.DEMO_FORMATS == demo_data.DEMO_FORMATS == recipe.DATA_FORMATS
     assert cli.HELD_OUT == data.HELD_OUT
