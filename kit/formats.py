@@ -10,6 +10,7 @@ the uint8 (N, C, S, S) tensors the engine takes:
 Labels are class names or indices. Every problem is one KitError naming the file and, for a CSV, the row."""
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from kit.recipe import DataSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DECODE_THREADS = 8  # PIL releases the GIL while decoding
+
+
+INTEGER = r"-?\d+"  # an id or a label that is a whole number (pandas' str.fullmatch takes it too)
+
+
+def is_integer(text: str) -> bool:
+    """Whether `text` is a whole number that int() reads: one rule for ids, labels and templates."""
+    return re.fullmatch(INTEGER, text) is not None
 
 
 def csv_row(index: int) -> int:
@@ -58,7 +67,7 @@ def table_ids(table: pd.DataFrame, id_column: str) -> np.ndarray:
 def id_order(ids: np.ndarray) -> np.ndarray:
     """The order of ids as numbers when every one is an integer, else as text."""
     texts = [str(i) for i in ids]
-    if all(t.lstrip("-").isdigit() for t in texts):
+    if all(map(is_integer, texts)):
         return np.argsort([int(t) for t in texts], kind="stable")
     return np.argsort(texts, kind="stable")
 
@@ -68,7 +77,7 @@ def label_indices(labels: list, classes: list[str] | None, path: Path, rows: lis
     an integer: indices 0..max; else the sorted names). `rows[i]` says where label i is, for the error."""
     texts = [str(v) for v in labels]
     if classes is None:
-        if all(t.lstrip("-").isdigit() for t in texts) and texts:
+        if texts and all(map(is_integer, texts)):
             values = np.array([int(t) for t in texts], dtype=np.int64)
             if values.min() < 0:
                 bad = int(np.argmin(values))
@@ -80,7 +89,7 @@ def label_indices(labels: list, classes: list[str] | None, path: Path, rows: lis
     for i, text in enumerate(texts):
         if text in index:
             out[i] = index[text]
-        elif text.isdigit() and int(text) < len(classes):
+        elif is_integer(text) and 0 <= int(text) < len(classes):
             out[i] = int(text)
         else:
             shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kit.errors import KitError
-from kit.formats import csv_row, read_csv
+from kit.formats import INTEGER, csv_row, is_integer, read_csv
 from kit.io import atomic_path
 
 LABEL_STYLES = ("index", "name", "probs")
@@ -32,7 +32,7 @@ class SubmissionFormat:
 def id_key(value) -> str:
     """An id as text, integers without leading zeros, so `7`, `07` and numpy's 7 match."""
     text = str(value).strip()
-    return str(int(text)) if text.lstrip("-").isdigit() else text
+    return str(int(text)) if is_integer(text) else text
 
 
 def format_from_options(labels: str = "index", id_column: str = "ID", label_column: str = "Labels",
@@ -74,7 +74,7 @@ def format_from_template(path: str | Path, classes: list[str] | None = None) -> 
         style = "probs"
     else:
         values = table[label_columns[0]].str.strip()
-        if values.str.fullmatch(r"-?\d+").all():
+        if values.str.fullmatch(INTEGER).all():
             style = "index"
         elif values.str.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?").all():
             style = "probs"
@@ -184,7 +184,7 @@ def _check_labels(path: Path, table: pd.DataFrame, fmt: SubmissionFormat, num_cl
     for column in fmt.label_columns:
         values = table[column].str.strip()
         if fmt.style == "index":
-            bad = ~values.str.fullmatch(r"-?\d+").to_numpy()
+            bad = ~values.str.fullmatch(INTEGER).to_numpy()
             if bad.any():
                 fail(column, bad, "is not an integer")
             labels = values.astype(np.int64).to_numpy()

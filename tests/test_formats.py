@@ -231,6 +231,25 @@ def test_bad_npz_and_folders(tmp_path):
         read_class_folders(tmp_path / "empty", 8, 3)
 
 
+def test_text_that_only_looks_like_an_integer_is_a_name_not_a_crash(tmp_path):
+    """One integer rule (kit.formats.is_integer) for ids, labels and templates: `--7` or `²` pass str.isdigit() after
+    stripping but not int(); they are names, and a bad one is a one-line error."""
+    from kit.errors import KitError
+    from kit.formats import id_order, label_indices
+    from kit.submission import format_from_template, id_key
+    assert [id_key(t) for t in ("007", "-3", "--7", "²")] == ["7", "-3", "--7", "²"]
+    assert id_order(np.array(["10", "9"], dtype=object)).tolist() == [1, 0]  # numbers
+    assert id_order(np.array(["--7", "10", "9"], dtype=object)).tolist() == [0, 1, 2]  # text
+    labels, classes = label_indices(["--1", "2", "2"], None, Path("t.csv"), ["row 2", "row 3", "row 4"])
+    assert classes == ["--1", "2"] and labels.tolist() == [0, 1, 1]
+    assert label_indices(["1", "zero"], ["zero", "one"], Path("t.csv"), ["row 2", "row 3"])[0].tolist() == [1, 0]
+    for bad in ("²", "-1", "2"):
+        with pytest.raises(KitError, match=f"t.csv: row 3: label '{bad}' is not a class"):
+            label_indices(["one", bad], ["zero", "one"], Path("t.csv"), ["row 2", "row 3"])
+    (tmp_path / "sample.csv").write_text("id,label\n--7,cat\n5,dog\n")
+    assert format_from_template(tmp_path / "sample.csv").order == ("--7", "5")
+
+
 def test_the_command_lines_choice_lists_are_the_modules():
     """kit.cli_options keeps copies so that parsing arguments does not import torch; they must not drift."""
     from kit import cli_options as cli
