@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kit.autoaugment import gray
+
 CORRUPTIONS = ("noise", "blur", "contrast", "brightness", "saturation", "jpeg", "pixelate")
 SEVERITIES = (1, 2, 3, 4, 5)
 _LEVELS = {  # CIFAR-10-C's constants per severity (its make_cifar_c.py)
@@ -23,7 +25,6 @@ _LEVELS = {  # CIFAR-10-C's constants per severity (its make_cifar_c.py)
     "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # side kept before scaling back
 }
-GRAY = (0.2989, 0.587, 0.114)
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
@@ -41,8 +42,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     elif name == "brightness":
         x = x + level
     elif name == "saturation":
-        gray = _gray(x)
-        x = gray + (x - gray) * level
+        luma = gray(x)
+        x = luma + (x - luma) * level
     elif name == "jpeg":
         return _jpeg(images, int(level))
     elif name == "pixelate":
@@ -50,12 +51,6 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
         small = F.interpolate(x, size=(max(1, int(h * level)), max(1, int(w * level))), mode="area")
         x = F.interpolate(small, size=(h, w), mode="nearest")
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    return x[:, :1] * GRAY[0] + x[:, 1:2] * GRAY[1] + x[:, 2:3] * GRAY[2]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
