@@ -224,10 +224,7 @@ def read_test_pickle(path: str | Path, size: int = 32, channels: int = 3) -> Tes
         if key not in obj:
             raise KitError(f"{path}: no {key!r} entry; expected {what}")
     data, ids = np.asarray(obj[b"data"]), np.asarray(obj[b"ids"])
-    images = to_chw(path, data, size, channels, "b'data'")
-    s, c = size, channels
-    layout = {4: f"(N, {s}, {s}, {c}) HWC" if data.shape[1:] == (s, s, c) else f"(N, {c}, {s}, {s}) CHW",
-              3: f"(N, {s}, {s})", 2: f"(N, {c * s * s}) channel-major rows"}[data.ndim]
+    images, layout = to_chw(path, data, size, channels, "b'data'")
     if ids.ndim != 1 or len(ids) != len(images):
         raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape}")
     return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)

@@ -138,19 +138,20 @@ def decode_images(paths: list[Path], size: int, channels: int, where: list[str] 
         return torch.from_numpy(np.stack(list(pool.map(one, range(len(paths))))))
 
 
-def to_chw(path: Path, data: np.ndarray, size: int, channels: int, key: str) -> np.ndarray:
-    """Images stored (N, S, S, C), (N, C, S, S), (N, S, S) for one channel, or (N, C*S*S) rows, as (N, C, S, S)."""
+def to_chw(path: Path, data: np.ndarray, size: int, channels: int, key: str) -> tuple[np.ndarray, str]:
+    """Images stored (N, S, S, C), (N, C, S, S), (N, S, S) for one channel, or (N, C*S*S) rows, as (N, C, S, S),
+    and how they were stored."""
     if data.dtype != np.uint8:
         raise KitError(f"{path}: {key} has dtype {data.dtype}; expected uint8 pixels 0..255")
     s, c = size, channels
     if data.ndim == 4 and data.shape[1:] == (s, s, c):
-        return data.transpose(0, 3, 1, 2)
+        return data.transpose(0, 3, 1, 2), f"(N, {s}, {s}, {c}) HWC"
     if data.ndim == 4 and data.shape[1:] == (c, s, s):
-        return data
+        return data, f"(N, {c}, {s}, {s}) CHW"
     if data.ndim == 3 and c == 1 and data.shape[1:] == (s, s):
-        return data[:, None]
+        return data[:, None], f"(N, {s}, {s})"
     if data.ndim == 2 and data.shape[1] == c * s * s:
-        return data.reshape(-1, c, s, s)
+        return data.reshape(-1, c, s, s), f"(N, {c * s * s}) channel-major rows"
     raise KitError(f"{path}: {key} has shape {data.shape}; expected (N, {s}, {s}, {c}), (N, {c}, {s}, {s}) or (N, {c * s * s}) "
                    f"for {s}x{s} images with {c} channel{'s' if c > 1 else ''} (data.image_size, data.channels)")
 
@@ -256,7 +257,7 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     role as prefix (`train_images`, `test_labels`), as MedMNIST's files hold every split."""
     found = read_arrays(path)
     images_key = npz_key(found, path, role, "images", True)
-    images = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
+    images, _ = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
     n = len(images)
     ids_key, labels_key = npz_key(found, path, role, "ids", False), npz_key(found, path, role, "labels", labelled)
     ids = found[ids_key].reshape(-1) if ids_key else row_ids(n)
