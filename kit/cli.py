@@ -11,6 +11,7 @@ from kit.cli_options import (DEMO_FORMATS, KitGroup, adapt_options, checkpoints_
                              held_out_option, precision_option, set_option, submission_format, submission_options,
                              tta_option, weights_from_option, with_options)
 from kit.errors import KitError
+from kit.recipe import PRECISIONS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
 
@@ -202,7 +203,7 @@ def data_download_cmd(dataset, out_dir):
 @click.option("--untimed", default=10, show_default=True, help="Untimed updates first (compilation, graph capture).")
 @click.option("--batch-size", type=int, help="Measure both loops at this batch size instead of the recipe's.")
 @click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="The kit engine's precision (default: the recipe's train.precision).")
 @device_option
 def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precision, device):

@@ -6,7 +6,7 @@ import click
 
 from kit.errors import KitError
 from kit.faults import Stopped
-from kit.recipe import TTA_MODES, WEIGHTS_FROM
+from kit.recipe import PRECISIONS, TTA_MODES, WEIGHTS_FROM
 
 HELD_OUT = ("val", "test")  # kit.data.HELD_OUT, without importing torch to parse arguments
 LABEL_STYLES = ("index", "name", "probs")  # kit.submission.LABEL_STYLES
@@ -15,7 +15,8 @@ DEMO_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # kit.demo_data.DEMO
 
 class KitGroup(click.Group):
     """Turns KitError and OS errors (an unwritable output path, a full disk) into `error: ...` on stderr,
-    exit 2, no traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits 143/130. Keeps the command's own arguments (`ctx.meta["argv"]`) for `kit train --gpus N`."""
+    exit 2, no traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits 143/130. Keeps the command's
+    own arguments (`ctx.meta["argv"]`) for `kit train --gpus N`."""
 
     def parse_args(self, ctx, args):
         ctx.meta["argv"] = list(args)
@@ -52,7 +53,7 @@ def device_list(ctx, param, value) -> tuple[str, ...]:
 
 devices_option = click.option("--devices", callback=device_list, metavar="I,J,...",
                               help="GPUs to spread the processes over (CUDA indices), each process pinned to one.")
-precision_option = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+precision_option = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                                 show_default=True, help="auto: bf16 where the GPU runs it natively, fp16 on compute "
                                                         "capability 7.x (T4, V100), fp32 below and on the CPU.")
 

@@ -16,7 +16,6 @@ import torch
 from kit.errors import KitError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision and --precision
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam",
               "lookahead_momentum", "lookahead_sgd", "lookahead_adamw")  # timm's names; lookahead_* wraps the base
 SCHEDULES = ("constant", "cosine", "step", "multistep", "plateau", "poly", "onecycle")
 TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation views (kit.tta)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision and --precision (kit.device.choose_precision)
 WEIGHTS_FROM = ("best", "ema", "raw")  # which weights of a checkpoint: raw, EMA, or the better of the two at its epoch
 
 
@@ -98,7 +99,7 @@ class TrainSpec:
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     ema_decay: float | None = fraction(None)  # per update; null: no EMA
     early_stopping_patience: int | None = positive(None)  # epochs without a new best validation accuracy
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 if native, fp16 on 7.x, else fp32 (CPU: fp32)
+    precision: Literal[PRECISIONS] = "auto"  # auto: bf16 if native, fp16 on 7.x, else fp32 (CPU: fp32)
     channels_last: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile of model + loss (CUDA)
     cuda_graph: bool = True  # CUDA: capture the whole update once and replay it (falls back to eager, saying why)
