@@ -131,7 +131,7 @@ def model_floor(recipe: Recipe, device: torch.device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     model = build_model(recipe, recipe.name, check_budget=False).to(device).train()
     prec = training_precision(recipe.train.precision, recipe.train.channels_last, device)
-    images = torch.randn(2, recipe.data.channels, recipe.data.image_size, recipe.data.image_size, device=device)
+    images = torch.randn(2, *recipe.data.image_shape, device=device)
     activation_bytes = 0
 
     def count(module, args, output):

@@ -74,7 +74,7 @@ def load_teachers(recipe: Recipe, mean: torch.Tensor, std: torch.Tensor, device:
             if len(teacher.classes) != recipe.model.num_classes:
                 raise KitError(f"{teacher.path}: a teacher with {len(teacher.classes)} classes cannot teach a student with "
                                f"{recipe.model.num_classes} (model.num_classes)")
-            taught, own = (recipe.data.channels, recipe.data.image_size), (teacher.recipe.data.channels, teacher.recipe.data.image_size)
+            taught, own = recipe.data.image_shape, teacher.recipe.data.image_shape
             if own != taught:
                 raise KitError(f"{teacher.path}: a teacher of {own[1]}x{own[1]} images with {own[0]} channel(s) cannot teach a "
                                f"student of {taught[1]}x{taught[1]} with {taught[0]} (data.image_size, data.channels)")

@@ -72,11 +72,11 @@ def load_checkpoints(paths: list[str], weights_from: str, device: torch.device) 
         raise KitError("give at least one run directory or checkpoint")
     checkpoints = [load_checkpoint(p, weights_from, device) for p in paths]
     first = checkpoints[0]
-    shape = lambda c: (c.recipe.data.channels, c.recipe.data.image_size)  # noqa: E731
     for other in checkpoints[1:]:
-        if shape(other) != shape(first):
-            raise KitError(f"{other.path}: takes {shape(other)[1]}x{shape(other)[1]} images with {shape(other)[0]} channel(s), "
-                           f"{first.path} {shape(first)[1]}x{shape(first)[1]} with {shape(first)[0]}: they cannot be ensembled")
+        theirs, ours = other.recipe.data.image_shape, first.recipe.data.image_shape
+        if theirs != ours:
+            raise KitError(f"{other.path}: takes {theirs[1]}x{theirs[1]} images with {theirs[0]} channel(s), "
+                           f"{first.path} {ours[1]}x{ours[1]} with {ours[0]}: they cannot be ensembled")
         if other.classes != first.classes:
             raise KitError(f"{other.path}: its {len(other.classes)} classes ({', '.join(other.classes[:3])}, ...) differ from "
                            f"{first.path}'s {len(first.classes)} ({', '.join(first.classes[:3])}, ...): they cannot be ensembled")

@@ -50,8 +50,7 @@ def export(path: str, fmt: str, weights_from: str = "best", out: str | None = No
         _safetensors(checkpoint.model, safetensors_metadata(payload, checkpoint.weights_from), out_path)
     else:
         wrapped = Normalized(checkpoint.model, checkpoint.mean, checkpoint.std).eval()
-        data = checkpoint.recipe.data
-        example = torch.rand(2, data.channels, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0))
+        example = torch.rand(2, *checkpoint.recipe.data.image_shape, generator=torch.Generator().manual_seed(0))
         exported = _onnx(wrapped, example, out_path) if fmt == "onnx" else _torchscript(wrapped, example, out_path)
         echo(f"largest logit difference to torch (fp32, batch of 5): {exported:.2e}")
     echo(f"exported: {out_path} ({fmt}, {checkpoint.weights_from} weights of {payload['path']})")

@@ -49,6 +49,11 @@ class DataSpec:
     val_fraction: float = fraction(0.2)  # only for validation: split (stratified)
     split_seed: int = 0
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, size, size): one image as the model takes it."""
+        return self.channels, self.image_size, self.image_size
+
 
 @dataclass(frozen=True)
 class ModelSpec:
