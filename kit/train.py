@@ -120,9 +120,8 @@ class Run:
 
     def train_epoch(self) -> EpochResult:
         t = self.trainer
-        stop = lambda: distributed.any_rank(bool(self.stop), self.ranks, t.prec.device)  # noqa: E731  (all ranks agree)
         with EpochProgress(self.epoch + 1, self.recipe.train.epochs, t.updates_per_epoch, self.ranks.main) as progress:
-            result = t.epoch(progress=progress, stop=stop, start_at=self.in_epoch)
+            result = t.epoch(progress=progress, stop=self.stop_asked, start_at=self.in_epoch)
         self.in_epoch = 0 if result.complete else result.updates
         return result
 
@@ -171,6 +170,10 @@ class Run:
         write_text(self.dir / "metrics.csv", self.metrics.to_csv(index=False))
         plot_curves(self.metrics, self.dir / "curves.png", self.recipe.name)
 
+    def stop_asked(self) -> bool:
+        """Whether a signal asked this run to stop, on any rank (so that every rank stops at the same update)."""
+        return distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device)
+
     def stopped(self, where: str) -> Stopped:
         """What to raise once a signal arrived and last.pt holds where the run stands: how to go on."""
         name = signal.Signals(self.stop.signum).name
@@ -210,7 +213,7 @@ class Run:
             row = self.record(lr, result)
             self.save()
             self.echo(_summary(row, self.recipe.train.epochs))
-            if distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device):  # saved just above
+            if self.stop_asked():  # saved just above
                 raise self.stopped(f"after epoch {self.epoch}")
             if on_epoch_end is not None:
                 on_epoch_end(self)
