@@ -80,10 +80,15 @@ def worker_devices(devices: tuple[str, ...], per_device: int) -> list[str | None
     return [devices[i % len(devices)] for i in range(len(devices) * per_device)]
 
 
+def pinned_env(device: str | None) -> dict[str, str]:
+    """The environment that makes `device` (a CUDA index or UUID) the only GPU a process sees, as `cuda:0`
+    (empty: not pinned)."""
+    return {} if device is None else {"CUDA_VISIBLE_DEVICES": device}
+
+
 def pin_device(device: str | None) -> None:
-    """Make `device` (a CUDA index or UUID) the only GPU this process sees, as `cuda:0`. Call before CUDA starts."""
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    """Pin this process to `device` (`pinned_env`). Call before CUDA starts."""
+    os.environ.update(pinned_env(device))
 
 
 def compiles(device: torch.device) -> bool:

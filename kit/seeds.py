@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kit.device import worker_devices
+from kit.device import pinned_env, worker_devices
 
 
 @dataclass
@@ -42,7 +42,7 @@ def train_seeds(recipe: str, name: str, seeds: list[int], devices: tuple[str, ..
         while waiting and free:
             run = waiting.pop(0)
             run.device = free.pop(0)
-            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": run.device} if run.device is not None else {})}
+            env = {**os.environ, **pinned_env(run.device)}
             log = open(run.log, "w")
             process = subprocess.Popen(seed_command(recipe, run.seed, name, overrides, data_root, runs_dir, device), env=env,
                                        stdout=log, stderr=subprocess.STDOUT)
