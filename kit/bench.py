@@ -18,7 +18,7 @@ from kit.device import choose_precision, resolve_device, training_precision
 from kit.engine import Trainer, build_trainer, seed_everything
 from kit.models import build_model
 from kit.optim import build_optimizer
-from kit.recipe import AugmentSpec, Recipe
+from kit.recipe import AugmentSpec, Recipe, known_num_classes, with_num_classes
 
 # Dense bf16 matrix throughput and memory bandwidth the floor uses, by device name
 PEAKS = {"H100": (800e12, 3.0e12), "H200": (790e12, 4.8e12)}
@@ -200,8 +200,9 @@ def bench(recipe: Recipe, updates: int = 50, batch_size: int | None = None, data
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=batch_size))
     dev = resolve_device(device)
-    data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, recipe.model.num_classes,
+    data = load_dataset(recipe.data, data_root) if data_root else synthetic_data(SYNTHETIC_IMAGES, known_num_classes(recipe) or 10,
                                                                                       recipe.data.image_size, recipe.data.channels)
+    recipe = with_num_classes(recipe, len(data.classes), recipe.name)
     bs, t = recipe.train.batch_size, recipe.train
     echo(f"bench {recipe.name}: batch {bs}, {updates} timed updates after {untimed} untimed, {dev}"
          f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}, torch {torch.__version__}"

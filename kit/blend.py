@@ -16,8 +16,8 @@ import torch
 
 from kit.ensemble import ensemble_probs
 from kit.errors import KitError
-from kit.formats import read_arrays
-from kit.submission import (SubmissionFormat, format_from_template, id_key, submission_table, template_order, write_probs,
+from kit.formats import class_indices, id_key, read_arrays
+from kit.submission import (PROB_TOLERANCE, SubmissionFormat, format_from_template, submission_table, template_order, write_probs,
                             write_submission)
 
 
@@ -75,8 +75,9 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
         probs = found["probs"][None]
     else:
         raise KitError(f"{path}: no 'probs' (N, K) or 'member_probs' (M, N, K) array (arrays: {', '.join(found)})")
-    if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating) or not np.isfinite(probs).all():
-        raise KitError(f"{path}: the probabilities must be finite floats of shape (N, K); got {probs.dtype} {probs.shape[1:]}")
+    if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating) or 0 in probs.shape:
+        raise KitError(f"{path}: the probabilities must be floats of shape (N, K); got {probs.dtype} {probs.shape[1:]}")
+    check_probabilities(path, probs)
     n = probs.shape[1]
     ids = found["ids"].reshape(-1) if "ids" in found else np.arange(n)
     labels = found.get("labels")
@@ -86,12 +87,43 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     for name, array in (("ids", ids), ("labels", labels)):
         if array is not None and len(array) != n:
             raise KitError(f"{path}: {n} rows of probabilities but {len(array)} {name}")
+    if labels is not None:
+        labels = class_indices(path, labels.reshape(-1), "labels")
+        if labels.max(initial=0) >= probs.shape[2]:
+            i = int(np.argmax(labels >= probs.shape[2]))
+            raise KitError(f"{path}: label {labels[i]} (row {i}) is outside its {probs.shape[2]} classes 0..{probs.shape[2] - 1}")
     members = [str(m) for m in found["members"]] if "members" in found else [path.stem] * len(probs)
     if len(probs) > 1 and members == [path.stem] * len(probs):
         members = [f"{path.stem}[{i}]" for i in range(len(probs))]
     classes = [str(c) for c in found["classes"]] if "classes" in found else None
+    if classes is not None and len(classes) != probs.shape[2]:
+        raise KitError(f"{path}: {len(classes)} class names but {probs.shape[2]} probability columns")
     return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
-                    None if labels is None else torch.from_numpy(labels.reshape(-1).astype(np.int64)))
+                    None if labels is None else torch.from_numpy(labels))
+
+
+def check_probabilities(path: Path, probs: np.ndarray) -> None:
+    """(M, N, K) class probabilities, checked where they enter: finite, in [0, 1], each row summing to 1. Log-
+    probabilities and logits (what a log-loss or a model's last layer gives) are named as such."""
+    if not np.isfinite(probs).all():
+        m, i, _ = np.argwhere(~np.isfinite(probs))[0]
+        raise KitError(f"{path}: row {i}{_member(probs, m)} holds {probs[m, i][~np.isfinite(probs[m, i])][0]}, not a probability")
+    sums = probs.sum(-1, dtype=np.float64)
+    inside = (probs >= 0).all() and (probs <= 1).all()
+    if inside and (np.abs(sums - 1) <= PROB_TOLERANCE).all():
+        return
+    if (probs <= 0).all() and (np.abs(np.exp(probs.astype(np.float64)).sum(-1) - 1) <= PROB_TOLERANCE).all():
+        raise KitError(f"{path}: these look like log-probabilities (every value <= 0, their exponentials sum to 1 on "
+                       f"each row); save the probabilities themselves (np.exp of these)")
+    if not inside:
+        raise KitError(f"{path}: values from {probs.min():.4g} to {probs.max():.4g} are not probabilities in [0, 1] "
+                       f"(logits? save their softmax)")
+    m, i = np.argwhere(np.abs(sums - 1) > PROB_TOLERANCE)[0]
+    raise KitError(f"{path}: row {i}{_member(probs, m)}: the class probabilities sum to {sums[m, i]:.4f}, not 1")
+
+
+def _member(probs: np.ndarray, m: int) -> str:
+    return f" of member {m}" if len(probs) > 1 else ""
 
 
 def _members(files: list[ProbFile], side: str) -> tuple[torch.Tensor, list[str], ProbFile]:
@@ -116,7 +148,8 @@ def _members(files: list[ProbFile], side: str) -> tuple[torch.Tensor, list[str],
 
 
 def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20, select_on: float = 0.5,
-          template: str | None = None, fmt: SubmissionFormat | None = None, echo: Callable[[str], None] = print) -> Path:
+          template: str | None = None, fmt: SubmissionFormat | None = None, given_classes: list[str] | None = None,
+          echo: Callable[[str], None] = print) -> Path:
     """Choose the blend on the labelled files' members and write the submission (and its .probs.npz) from the
     unlabelled files' members: the i-th member of one side is the i-th of the other."""
     if not labelled or not unlabelled:
@@ -128,12 +161,23 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
                        f"unlabelled side ({', '.join(unlabelled)}): give each model's files in the same order")
     if test.shape[2] != scored.shape[2]:
         raise KitError(f"{unlabelled[0]}: {test.shape[2]} classes but {labelled[0]} has {scored.shape[2]}")
-    classes = first.classes or test_first.classes or [str(i) for i in range(scored.shape[2])]
+    known = first.classes or test_first.classes or given_classes
+    classes = known or [str(i) for i in range(scored.shape[2])]
+    if given_classes and len(given_classes) != scored.shape[2]:
+        raise KitError(f"--classes names {len(given_classes)} classes but the probability files have {scored.shape[2]}")
     fmt = format_from_template(template, classes) if template else fmt or SubmissionFormat()
+    if fmt.style == "name" and not known:
+        raise KitError(f"{labelled[0]}: the probability files carry no class names (a 'classes' array), so the "
+                       f"submission's class names are unknown; give --classes A,B,...")
     template_order(fmt, test_first.ids, unlabelled[0])  # the template's ids, checked before anything is written
     labels = first.labels
     choose = report = torch.arange(len(labels))
     if select_on < 1:
+        counts = torch.bincount(labels)
+        if ((counts > 0) & (counts < 2)).any():
+            lonely = int(torch.nonzero((counts > 0) & (counts < 2))[0])
+            raise KitError(f"{labelled[0]}: the class {classes[lonely]!r} has one labelled image, too few to split between "
+                           f"choosing the blend and scoring it (--select-on {select_on:g}); use --select-on 1")
         choose, report = selection_halves(labels, select_on)
     weights = greedy_selection(list(scored[:, choose]), labels[choose], rounds)
     rows = [{"member": m, "top1": topk(p[report], labels[report], 1)} for m, p in zip(names, scored)]

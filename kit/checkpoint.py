@@ -20,7 +20,7 @@ from kit import __version__
 from kit.device import Precision
 from kit.errors import KitError
 from kit.io import atomic_path
-from kit.recipe import Recipe, recipe_from_dict
+from kit.recipe import Recipe, recipe_from_dict, with_num_classes
 
 SAFETENSORS_FORMAT = "kit-weights-1"  # metadata["format"] of an exported .safetensors file
 
@@ -153,16 +153,36 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
     from kit.models import build_model
     source = payload["path"]
     recipe = recipe_from_dict(payload["recipe"], source)
+    classes = [str(c) for c in payload["classes"]]
+    if recipe.model.num_classes is None:  # kit saves the resolved recipe; another writer may leave it to the classes
+        recipe = with_num_classes(recipe, len(classes), source)
+    mean, std = _normalization(payload, recipe.data.channels, source)
     model = build_model(recipe, source, check_budget=False)
     chosen, state = _choose_weights(payload, weights_from)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise KitError(f"{source}: weights do not fit the model its recipe builds ({str(err).splitlines()[0]})") from None
+    heads = recipe.model.num_classes
+    if heads != len(classes):  # kit before 0.5 trained a 10-way head on data with fewer classes
+        raise KitError(f"{source}: its model has {heads} outputs but it names {len(classes)} classes "
+                       f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): its predictions could name a class "
+                       f"that does not exist; train it again (the head now takes the data's classes)")
     model.to(device).eval()
     name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
-    return Checkpoint(name, source, recipe, model, list(payload["classes"]), int(payload["num_params"]),
-                      torch.tensor(payload["mean"]), torch.tensor(payload["std"]), chosen)
+    return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen)
+
+
+def _normalization(payload: dict, channels: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's per-channel mean and std, checked where they enter: finite, std > 0, one per channel."""
+    try:
+        mean, std = (torch.as_tensor(payload[k], dtype=torch.float32).reshape(-1) for k in ("mean", "std"))
+    except (TypeError, ValueError, RuntimeError):
+        mean = std = torch.full((0,), float("nan"))
+    if len(mean) != channels or len(std) != channels or not (mean.isfinite().all() and (std > 0).all() and std.isfinite().all()):
+        raise KitError(f"{source}: its normalization (mean {payload['mean']}, std {payload['std']}) must be finite numbers, "
+                       f"with a positive std, one for each of its {channels} channel(s)")
+    return mean, std
 
 
 def _choose_weights(payload: dict, weights_from: str) -> tuple[str, dict]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from kit import __version__
-from kit.cli_options import (DEMO_FORMATS, KitGroup, adapt_options, checkpoints_argument, device_option, devices_option,
-                             held_out_option, precision_option, set_option, submission_format, submission_options,
+from kit.cli_options import (DEMO_FORMATS, KitGroup, adapt_options, checkpoints_argument, class_list, device_option,
+                             devices_option, held_out_option, precision_option, set_option, submission_format, submission_options,
                              tta_option, weights_from_option, with_options)
 from kit.errors import KitError
 from kit.recipe import PRECISIONS
@@ -250,12 +250,14 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
 @click.option("--select-on", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Choose the weights on this stratified share of the labelled images; report on the rest.")
 @with_options(submission_options)
-def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column):
+@click.option("--classes", metavar="A,B,...", help="The class names, when the probability files carry none (a names template needs them).")
+def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column, classes):
     """An ensemble from saved probabilities alone: greedy selection on the labelled files, submission from the
     unlabelled ones (no checkpoint, no GPU; seconds). Other software's .npz (probs (N, K), ids, labels) blends too."""
     from kit.blend import blend
     fmt = submission_format(template, labels, id_column, label_column)
-    blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt, echo=click.echo)
+    blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt,
+          given_classes=class_list(classes), echo=click.echo)
 
 
 @cli.command("evaluate")
@@ -310,16 +312,23 @@ def export_cmd(checkpoint, fmt, weights_from, out):
 @with_options(submission_options)
 @click.option("--num-classes", default=10, show_default=True, help="For class indices.")
 @click.option("--classes", metavar="A,B,...", help="The class names, for names and probability columns.")
-def check_submission_cmd(csv_path, test_path, template, labels, id_column, label_column, num_classes, classes):
+@click.option("--checkpoint", metavar="RUN", help="Take the class names from this run directory or checkpoint.")
+def check_submission_cmd(csv_path, test_path, template, labels, id_column, label_column, num_classes, classes, checkpoint):
     """Header, one row per test id (the template's, or --test's), no duplicates, labels valid for the style; exit 2
     with the first problem."""
+    from kit.checkpoint import read_payload
     from kit.submission import check_submission, format_from_template
     if not test_path and not template:
         raise KitError("give --test PATH, --template CSV, or both: the ids the submission must have")
-    names = [c.strip() for c in classes.split(",")] if classes else None
+    if classes and checkpoint:
+        raise KitError("give --classes or --checkpoint, not both: either names the classes")
+    names = class_list(classes) or ([str(c) for c in read_payload(checkpoint)["classes"]] if checkpoint else None)
     fmt = format_from_template(template, names) if template else submission_format(None, labels, id_column, label_column)
     rows = check_submission(csv_path, test_path, fmt, num_classes, names)
     click.echo(f"ok: {csv_path} has one valid row for each of the {rows:,} test ids")
+    if fmt.style == "name" and names is None:
+        click.echo("note: the class names were not checked against the classes (only that none is empty): give --classes "
+                   "or --checkpoint")
 
 
 @cli.command("report")

@@ -100,3 +100,13 @@ def submission_format(template, labels, id_column, label_column):
             raise KitError(f"{given[0]}: --template {template} sets the format; give one or the other")
         return None
     return format_from_options(labels or "index", id_column or "ID", label_column or "Labels")
+
+
+def class_list(text: str | None) -> list[str] | None:
+    """--classes A,B,...: the class names in order (None when not given); empty or repeated names are refused."""
+    if not text:
+        return None
+    names = [c.strip() for c in text.split(",")]
+    if "" in names or len(set(names)) != len(names):
+        raise KitError(f"--classes {text}: give each class name once, separated by commas")
+    return names

@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kit import safe_pickle
 from kit.errors import KitError
+from kit.formats import class_indices
 from kit.io import atomic_path, write_text
 from kit.recipe import DataSpec
 
@@ -45,12 +47,14 @@ class Dataset:
 
 
 def read_pickle(path: Path, what: str) -> dict:
-    """Unpickle a CIFAR-style file, with one-line errors for a missing or corrupt file."""
+    """Unpickle a CIFAR-style file without running its code (kit.safe_pickle), with one-line errors for a missing,
+    corrupt or refused file."""
     if not path.is_file():
         raise KitError(f"{path}: missing; expected {what}")
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+        obj = safe_pickle.load(path)
+    except KitError:
+        raise
     except Exception as err:  # pickle raises many types on corrupt input
         raise KitError(f"{path}: not a readable pickle ({type(err).__name__}); expected {what}") from None
     if not isinstance(obj, dict):
@@ -58,16 +62,24 @@ def read_pickle(path: Path, what: str) -> dict:
     return obj
 
 
+def as_array(path: Path, obj: dict, key: bytes) -> np.ndarray:
+    """A pickle's entry as a numpy array (a ragged list is an error naming the file and the entry)."""
+    try:
+        return np.asarray(obj[key])
+    except (ValueError, TypeError) as err:
+        raise KitError(f"{path}: {key!r} is not an array ({str(err).splitlines()[0][:80]})") from None
+
+
 def _batch(path: Path, label_key: bytes, what: str) -> Labelled:
     obj = read_pickle(path, what)
     for key in (b"data", label_key):
         if key not in obj:
             raise KitError(f"{path}: no {key!r} entry; expected {what}")
-    data = np.asarray(obj[b"data"])
+    data = as_array(path, obj, b"data")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise KitError(f"{path}: b'data' is {data.dtype} {data.shape}; expected uint8 (N, 3072) channel-major rows")
-    labels = np.asarray(obj[label_key], dtype=np.int64)
-    if len(labels) != len(data):
+    labels = class_indices(path, obj[label_key], label_key)
+    if len(labels) != len(data) or not len(data):
         raise KitError(f"{path}: {len(data)} images but {len(labels)} labels")
     return Labelled(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
 
@@ -151,9 +163,14 @@ def read_cifar(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled, list[str
                        f"data.channels {spec.channels}")
     train, test, classes = (read_cifar10 if spec.dataset == "cifar10" else read_cifar100)(root)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if spec.classes:
+        if len(spec.classes) < num_classes:
+            raise KitError(f"{root}: the labels reach class index {num_classes - 1} but data.classes names "
+                           f"{len(spec.classes)} classes")
+        return train, test, list(spec.classes)
     if len(classes) < num_classes:
         classes = [str(i) for i in range(num_classes)]
-    return train, test, list(spec.classes) or classes
+    return train, test, classes
 
 
 def read_other(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled | None, list[str]]:
@@ -181,16 +198,21 @@ class TestSet:
 def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
     """The unlabelled test set at the recipe's image size and channels: the competition's pickle (`.pkl`), a folder of
     images, a pixels CSV or a .npz (kit.formats). Ids must be unique."""
-    from kit.formats import read_unlabelled
+    from kit.formats import id_key, read_unlabelled
     path, spec = Path(path), spec or DataSpec()
     if is_pickle(path):
         test = read_test_pickle(path, spec.image_size, spec.channels)
     else:
         read = read_unlabelled(path, spec)
         test = TestSet(read.ids, read.images, read.layout)
-    unique, counts = np.unique([str(i) for i in test.ids], return_counts=True)
-    if (counts > 1).any():
-        raise KitError(f"{path}: the ids have duplicates (e.g. {unique[counts > 1][0]} appears {counts.max()} times)")
+    spellings: dict[str, list[str]] = {}  # by id_key: 7 and 007 are one id in a submission
+    for image_id in test.ids:
+        spellings.setdefault(id_key(image_id), []).append(str(image_id))
+    twice = next((seen for seen in spellings.values() if len(seen) > 1), None)
+    if twice is not None:
+        same = len(set(twice)) == 1
+        raise KitError(f"{path}: the ids have duplicates (e.g. {twice[0]} appears {len(twice)} times)" if same else
+                       f"{path}: the ids have duplicates ({twice[0]} and {twice[1]} name one image id)")
     return test
 
 
@@ -203,7 +225,10 @@ def read_test_ids(path: str | Path) -> np.ndarray:
     obj = read_pickle(path, "the competition test pickle {b'data', b'ids'}")
     if b"ids" not in obj:
         raise KitError(f"{path}: no b'ids' entry")
-    return np.asarray(obj[b"ids"])
+    ids = as_array(path, obj, b"ids")
+    if ids.ndim != 1:
+        raise KitError(f"{path}: b'ids' has shape {ids.shape}; expected one id per image")
+    return ids
 
 
 def is_pickle(path: Path) -> bool:
@@ -223,10 +248,10 @@ def read_test_pickle(path: str | Path, size: int = 32, channels: int = 3) -> Tes
     for key in (b"data", b"ids"):
         if key not in obj:
             raise KitError(f"{path}: no {key!r} entry; expected {what}")
-    data, ids = np.asarray(obj[b"data"]), np.asarray(obj[b"ids"])
+    data, ids = as_array(path, obj, b"data"), as_array(path, obj, b"ids")
     images, layout = to_chw(path, data, size, channels, "b'data'")
-    if ids.ndim != 1 or len(ids) != len(images):
-        raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape}")
+    if ids.ndim != 1 or len(ids) != len(images) or not len(images) or ids.dtype.kind not in "iuUSO":
+        raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape} ({ids.dtype}); expected one id per image")
     return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)
 
 

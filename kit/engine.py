@@ -28,7 +28,7 @@ from kit.device import Precision, captures, compiles, side_stream, synchronize, 
 from kit.ema import CachedModelEma
 from kit.faults import fault_point
 from kit.optim import build_optimizer, clip_gradients, load_optimizer_state, make_capturable
-from kit.recipe import OptimSpec, Recipe
+from kit.recipe import OptimSpec, Recipe, with_num_classes
 from kit.schedule import LearningRate, Plateau, lr_table
 
 EAGER_UPDATES_BEFORE_CAPTURE = 3  # on a side stream (cuDNN autotuning, optimizer state allocation)
@@ -320,6 +320,7 @@ def build_trainer(recipe: Recipe, dataset: Dataset, device: torch.device, source
     """Seed, build and place everything the update touches; the training images go to the device once, as uint8."""
     from kit.models import build_model
     from kit.models.resnet import init_whitening, whiten_stem
+    recipe = with_num_classes(recipe, len(dataset.classes), source)
     spec = recipe.train
     seed_everything(spec.seed)
     prec = training_precision(spec.precision, spec.channels_last, device)

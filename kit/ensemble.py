@@ -4,6 +4,7 @@ set-up predict, evaluate and report share: paths, device, precision, checkpoints
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,14 @@ def parse_blend(text: str | None, paths: list[str]) -> list[float] | None:
         blend = [float(w) for w in text.split(",")]
     except ValueError:
         raise KitError(f"--blend {text}: expected comma-separated numbers or a selection file") from None
-    if len(blend) != len(paths) or min(blend) < 0 or sum(blend) <= 0:
-        raise KitError(f"--blend {text}: need {len(paths)} non-negative weights with a positive sum")
+    if len(blend) != len(paths) or not valid_weights(blend):
+        raise KitError(f"--blend {text}: need {len(paths)} non-negative weights (finite numbers) with a positive sum")
     return blend
+
+
+def valid_weights(blend: list[float]) -> bool:
+    """Blend weights checked where they enter: finite, >= 0, a positive sum (NaN or inf would make every row class 0)."""
+    return all(math.isfinite(w) and w >= 0 for w in blend) and math.isfinite(sum(blend)) and sum(blend) > 0
 
 
 def _blend_from_selection(path: Path, paths: list[str]) -> list[float]:
@@ -111,6 +117,8 @@ def _blend_from_selection(path: Path, paths: list[str]) -> list[float]:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise KitError(f"{path}: not a selection file from `kit evaluate --select` (JSON with a 'blend' mapping)") from None
     blend = [chosen.get(str(Path(p).resolve()), 0.0) for p in paths]
+    if not valid_weights(list(chosen.values()) or [1.0]):
+        raise KitError(f"{path}: its blend weights {list(chosen.values())} must be finite and non-negative")
     missing = set(chosen) - {str(Path(p).resolve()) for p in paths}
     if missing or sum(blend) <= 0:
         raise KitError(f"{path}: selects {', '.join(sorted(missing)) or 'none of the given checkpoints'}; "

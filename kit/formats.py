@@ -11,6 +11,7 @@ Labels are class names or indices. Every problem is one KitError naming the file
 
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +34,43 @@ def is_integer(text: str) -> bool:
     return re.fullmatch(INTEGER, text) is not None
 
 
+def id_key(value) -> str:
+    """An id as text, integers without leading zeros, so `7`, `07` and numpy's 7 match."""
+    text = str(value).strip()
+    return str(int(text)) if is_integer(text) else text
+
+
+WHOLE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number as a CSV or a float array spells it
+LARGEST_LABEL = 2**31 - 1
+
+
+def label_text(value) -> str:
+    """A label as text: a number that is whole (`3.0`, numpy's 3.0) becomes the integer `3`, so that float labels are
+    indices, never names sorted as text (0, 1, 10, 2, ...)."""
+    text = str(value).strip()
+    if not is_integer(text) and WHOLE.fullmatch(text):
+        number = float(text)
+        if number.is_integer() and abs(number) <= LARGEST_LABEL:
+            return str(int(number))
+    return text
+
+
+def class_indices(path: Path, values, key) -> np.ndarray:
+    """Labels stored as numbers (a CIFAR pickle's, a probability file's) as int64 class indices: whole numbers >= 0
+    (a float 3.0 is 3; 2.5, -1 or NaN is refused, naming the file, the array and the image)."""
+    try:
+        labels = np.asarray(values)
+    except (ValueError, TypeError):
+        labels = np.asarray([None])
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.isfinite(labels).all()):
+        raise KitError(f"{path}: {key!r} must be a list of class indices; got {labels.dtype} {labels.shape}")
+    whole = labels == np.round(labels) if labels.dtype.kind == "f" else np.ones(len(labels), bool)
+    bad = ~whole | (labels < 0) | (labels > LARGEST_LABEL)
+    if bad.any():
+        raise KitError(f"{path}: {key!r}: label {labels[bad][0]} (image {int(np.argmax(bad))}) is not a class index")
+    return labels.astype(np.int64)
+
+
 def csv_row(index: int) -> int:
     """The line number of a data row in its CSV file (the header is line 1)."""
     return index + 2
@@ -43,7 +81,11 @@ def read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise KitError(f"{path}: not found")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():  # a row longer than the header: pandas would take its first cells as an index
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.ParserWarning:
+        raise KitError(f"{path}: not a readable CSV (a row has more fields than the header)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise KitError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
 
@@ -75,15 +117,28 @@ def id_order(ids: np.ndarray) -> np.ndarray:
 def label_indices(labels: list, classes: list[str] | None, path: Path, rows: list[str]) -> tuple[np.ndarray, list[str]]:
     """Class indices for labels given as names or indices; `classes` None: learned from these labels (every label
     an integer: indices 0..max; else the sorted names). `rows[i]` says where label i is, for the error."""
-    texts = [str(v) for v in labels]
+    texts = [label_text(v) for v in labels]
+    empty = [i for i, text in enumerate(texts) if not text]
+    if empty:
+        raise KitError(f"{path}: {rows[empty[0]]}: the label is empty ({len(empty)} empty label{'s' if len(empty) > 1 else ''})")
     if classes is None:
+        numbers = [i for i, text in enumerate(texts) if WHOLE.fullmatch(text)]
+        if texts and len(numbers) == len(texts) and not all(map(is_integer, texts)):
+            bad = next(i for i in numbers if not is_integer(texts[i]))
+            raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is not a whole number: labels are class indices or names")
         if texts and all(map(is_integer, texts)):
             values = np.array([int(t) for t in texts], dtype=np.int64)
+            if values.max() > LARGEST_LABEL:
+                bad = int(np.argmax(values))
+                raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is too large for a class index")
             if values.min() < 0:
                 bad = int(np.argmin(values))
                 raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is negative")
             return values, [str(i) for i in range(int(values.max()) + 1)]
         classes = sorted(set(texts))
+    if len(set(classes)) != len(classes):
+        twice = next(name for name in classes if list(classes).count(name) > 1)
+        raise KitError(f"{path}: the class {twice!r} is named twice in the class list")
     index = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
@@ -102,12 +157,14 @@ def list_images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise KitError(f"{folder}: image folder not found")
     found: dict[str, Path] = {}
+    keys: dict[str, Path] = {}  # by id_key: `1.png` and `001.png` would be one id in a submission
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
         if entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
-            if path.stem in found:
-                raise KitError(f"{path}: a second image for id {path.stem!r} (also {found[path.stem].name})")
-            found[path.stem] = path
+            if id_key(path.stem) in keys:
+                raise KitError(f"{path}: a second image for id {path.stem!r} (also {keys[id_key(path.stem)].name}): "
+                               f"ids that read as one number name one image")
+            found[path.stem] = keys[id_key(path.stem)] = path
     return found
 
 
@@ -128,6 +185,8 @@ def decode_images(paths: list[Path], size: int, channels: int, where: list[str] 
                 pixels = np.asarray(image.convert(mode), dtype=np.uint8)
         except FileNotFoundError:
             raise KitError(f"{path}{at}: image not found") from None
+        except Image.DecompressionBombError as err:
+            raise KitError(f"{path}{at}: refused: {str(err).strip()}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise KitError(f"{path}{at}: not a readable image ({type(err).__name__})") from None
         return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
@@ -162,6 +221,8 @@ class Read:
 
     def __init__(self, path: Path, images: torch.Tensor, ids: np.ndarray, labels: list | None, where: list[str], layout: str,
                  classes: list[str] | None = None):
+        if not len(images):
+            raise KitError(f"{path}: holds no images")
         self.path, self.images, self.ids, self.labels, self.where, self.layout = path, images, ids, labels, where, layout
         self.classes = classes
 
@@ -173,13 +234,17 @@ def read_class_folders(folder: Path, size: int, channels: int) -> Read:
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise KitError(f"{folder}: no class sub-folders; expected <class>/<image> files (like torchvision's ImageFolder)")
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for class_dir in class_dirs:
         images = list_images(class_dir)
         paths += images.values()
         labels += [class_dir.name] * len(images)
+        empty += [class_dir.name] if not images else []
     if not paths:
         raise KitError(f"{folder}: the class sub-folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:  # a class that no image teaches: dropped, the submission's classes would shift; kept, never learned
+        raise KitError(f"{folder / empty[0]}: a class folder with no images ({len(empty)} such: {', '.join(empty[:5])}); "
+                       f"add its images or remove the folder")
     where = [str(p) for p in paths]
     ids = np.array([f"{p.parent.name}/{p.stem}" for p in paths], dtype=object)
     return Read(folder, decode_images(paths, size, channels), ids, labels, where, "a folder per class")
@@ -237,11 +302,16 @@ def read_pixels(path: Path, spec: DataSpec, labelled: bool = True) -> Read:
         raise KitError(f"{path}: {len(pixel_columns)} pixel columns, but {s}x{s} images with {c} channel{'s' if c > 1 else ''} "
                        f"have {c * s * s} (data.image_size, data.channels)")
     text = table[pixel_columns].to_numpy(dtype=str)
-    numeric = np.char.isdigit(text)
-    if not numeric.all():
+    lengths = np.char.str_len(text)
+    numeric = np.char.isdecimal(text) & (lengths >= 1) & (lengths <= 3)
+    try:
+        values = text.astype(np.int64) if numeric.all() else None
+    except ValueError:  # a decimal digit numpy does not parse (Unicode digits other than 0-9)
+        numeric = np.vectorize(lambda cell: re.fullmatch(r"[0-9]{1,3}", cell) is not None, otypes=[bool])(text)
+        values = None
+    if values is None:
         row, col = np.argwhere(~numeric)[0]
         raise KitError(f"{path}: row {csv_row(row)}: column {pixel_columns[col]!r} is {str(text[row, col])!r}, not a pixel value 0..255")
-    values = text.astype(np.int64)
     if values.max(initial=0) > 255:
         row, col = np.argwhere(values > 255)[0]
         raise KitError(f"{path}: row {csv_row(row)}: column {pixel_columns[col]!r} is {values[row, col]}, not a pixel value 0..255")
@@ -259,15 +329,26 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     images_key = npz_key(found, path, role, "images", True)
     images, _ = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
     n = len(images)
+    if not n:
+        raise KitError(f"{path}: holds no images ({images_key} has shape {found[images_key].shape})")
     ids_key, labels_key = npz_key(found, path, role, "ids", False), npz_key(found, path, role, "labels", labelled)
+    for name, key in (("ids", ids_key), ("labels", labels_key)):
+        if key and (found[key].ndim == 0 or len(found[key]) != n):
+            raise KitError(f"{path}: {n} images but {len(found[key]) if found[key].ndim else 0} {name}")
     ids = found[ids_key].reshape(-1) if ids_key else row_ids(n)
-    labels = found[labels_key].reshape(len(found[labels_key]), -1) if labels_key else None
-    for name, array in (("ids", ids), ("labels", labels)):
-        if array is not None and len(array) != n:
-            raise KitError(f"{path}: {n} images but {len(array)} {name}")
+    labels = found[labels_key].reshape(n, -1) if labels_key else None
+    if ids_key and len(ids) != n:
+        raise KitError(f"{path}: {ids_key} has shape {found[ids_key].shape}; expected one id per image")
     if labels is not None and labels.shape[1] != 1:
         raise KitError(f"{path}: {labels_key} has shape {found[labels_key].shape}; expected one label per image")
+    if labels is not None and labels.dtype.kind not in "iubfUS":
+        raise KitError(f"{path}: {labels_key} has dtype {labels.dtype}; expected class indices or names")
+    if labels is not None and labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise KitError(f"{path}: {labels_key}: image {int(np.argmin(np.isfinite(labels[:, 0])))} has the label "
+                       f"{labels[~np.isfinite(labels)][0]}, not a class index")
     where = [f"image {i}" for i in range(n)]
+    if "classes" in found and found["classes"].ndim != 1:
+        raise KitError(f"{path}: classes has shape {found['classes'].shape}; expected one name per class")
     classes = [str(c) for c in found["classes"]] if "classes" in found else None
     return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids,
                 None if labels is None else labels[:, 0].tolist(), where, "numpy arrays (.npz)", classes)
@@ -324,5 +405,7 @@ def unlabelled_ids(path: Path, id_column: str = "id") -> np.ndarray:
     if path.suffix.lower() == ".csv":
         return table_ids(read_csv(path), id_column)
     found = read_arrays(path)
-    ids_key = npz_key(found, path, "test", "ids", False)
-    return found[ids_key].reshape(-1) if ids_key else row_ids(len(found[npz_key(found, path, "test", "images", True)]))
+    images_key, ids_key = npz_key(found, path, "test", "images", True), npz_key(found, path, "test", "ids", False)
+    if found[images_key].ndim == 0:
+        raise KitError(f"{path}: {images_key} is one number, not images")
+    return found[ids_key].reshape(-1) if ids_key else row_ids(len(found[images_key]))

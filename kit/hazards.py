@@ -9,8 +9,8 @@ A captured graph replays kernels with fixed arguments, so inside the update ther
   (it lands on the host), or copied between devices: a host-to-device copy is recorded once, with the value
   of capture time;
 - data-dependent shape (`nonzero`, boolean-mask indexing, `unique`, ...), which needs the count on the host.
-On the CPU the host and the device are one, so a tensor made without `device=` is caught where it is made, by
-a torch function mode that sees each factory call's arguments. The ops still run, so the update goes on and
+On the CPU the host and the device are one, so a copy to the host and a tensor made without `device=` are caught
+where they are asked for, by a torch function mode that sees each call's arguments and result. The ops still run, so the update goes on and
 every hazard is listed, not just the first."""
 
 import traceback
@@ -28,9 +28,7 @@ DATA_DEPENDENT = {"nonzero", "masked_select", "masked_scatter", "unique", "_uniq
                   "unique_consecutive", "unique_dim_consecutive", "argwhere", "bincount", "repeat_interleave"}
 COPIES = {"copy_", "_to_copy", "copy"}
 BOOLEAN_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
-FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.rand, torch.randn, torch.randint,
-             torch.randperm, torch.linspace, torch.logspace, torch.eye, torch.tensor, torch.as_tensor, torch.scalar_tensor,
-             torch.empty_strided}  # without device= these make host tensors (the *_like and new_* forms inherit one)
+TO_HOST = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__}  # np.asarray(t) too
 PACKAGE = Path(__file__).resolve().parent  # kit/: the first frame inside it names the line
 
 
@@ -91,8 +89,23 @@ class HazardMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class FactoryMode(TorchFunctionMode):
-    """Records each tensor made without a device: on CUDA it would be a host tensor inside the graph."""
+def _to_host(func, args, kwargs) -> bool:
+    """Whether a Tensor method call copies to the host on CUDA: .cpu(), .numpy(), .tolist(), np.asarray(t), .to("cpu").
+    Only the host spelled as text counts for .to: the update's own device, which is the CPU in these tests, comes as a
+    torch.device (torch's GradScaler and clip_grad_norm_ move tensors to theirs), and on CUDA that is no copy."""
+    if func in TO_HOST:
+        return True
+    if func is torch.Tensor.to:
+        target = kwargs.get("device", args[1] if len(args) > 1 else None)
+        return isinstance(target, str) and torch.device(target).type == "cpu"
+    return False
+
+
+class HostMode(TorchFunctionMode):
+    """Records what the dispatcher cannot see on the CPU, where the host and the device are one: a copy to the host
+    (by the Tensor method that makes it), and a tensor made without a device. A factory is found by its result: any
+    torch function that takes no tensor and returns one, without device= (torch.zeros, torch.normal, torch.tril_indices,
+    ...); the *_like and new_* forms take a tensor and inherit its device."""
 
     def __init__(self, found: list[Hazard]):
         super().__init__()
@@ -100,14 +113,19 @@ class FactoryMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FACTORIES and kwargs.get("device") is None and kwargs.get("out") is None:
-            self.found.append(Hazard(f"torch.{func.__name__}", "a tensor made without device=: a host tensor on CUDA", _where()))
-        return func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if _to_host(func, args, kwargs):
+            self.found.append(Hazard(f"Tensor.{name}", "a device-to-host copy: synchronizes, refused during capture", _where()))
+        result = func(*args, **kwargs)
+        made = _tensors(result if isinstance(result, (list, tuple)) else [result])
+        if made and not _tensors(list(args) + list(kwargs.values())) and kwargs.get("device") is None:
+            self.found.append(Hazard(f"torch.{name}", "a tensor made without device=: a host tensor on CUDA", _where()))
+        return result
 
 
 def find_hazards(update: Callable[[], None]) -> list[Hazard]:
     """Run `update` once and return what would break its capture as a CUDA graph (empty: capturable)."""
     found: list[Hazard] = []
-    with FactoryMode(found), HazardMode(found):
+    with HostMode(found), HazardMode(found):
         update()
     return found

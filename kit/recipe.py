@@ -1,6 +1,7 @@
 """One typed, frozen recipe per model: read from YAML, validated strictly, overridable with
 `--set a.b=value`, written back as YAML beside every run."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +60,7 @@ class DataSpec:
 class ModelSpec:
     name: str = "resnet"  # a registered preset, or timm:NAME / torchvision:NAME
     args: dict = field(default_factory=dict)
-    num_classes: int = positive(10)
+    num_classes: int | None = positive(None)  # null: the data's classes (set, it must equal their number)
     pretrained_path: str | None = None  # local weights only: nothing is downloaded at run time
 
 
@@ -199,11 +200,16 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
     if not path.is_file():
         raise KitError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise KitError(f"{path}: not a UTF-8 text file (byte {err.start}); a recipe is YAML text") from None
+    except OSError as err:
+        raise KitError(f"{path}: could not be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise KitError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line, whatever the parser wrote
+        raise KitError(f"{path}: not valid YAML{where}: {problem}") from None
     if raw is not None and not isinstance(raw, dict):
         raise KitError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw or {})
@@ -270,13 +276,35 @@ def _check_data(recipe: Recipe, source: str) -> None:
         raise KitError(f"{source}: data.test_images: format csv needs the folder of the labelled test images")
     if data.validation == "test" and data.format != "cifar" and not data.test:
         raise KitError(f"{source}: data.validation: test needs data.test (a labelled test set); or use split, or none")
-    if data.classes and len(data.classes) != recipe.model.num_classes:
+    if data.classes and recipe.model.num_classes is not None and len(data.classes) != recipe.model.num_classes:
         raise KitError(f"{source}: data.classes names {len(data.classes)} classes but model.num_classes is {recipe.model.num_classes}")
     if data.validation == "none":
         needs = [key for key, on in (("train.early_stopping_patience", recipe.train.early_stopping_patience is not None),
                                      ("schedule.name: plateau", recipe.schedule.name == "plateau")) if on]
         if needs:
             raise KitError(f"{source}: data.validation: none leaves nothing to score, but {needs[0]} needs validation accuracy")
+
+
+CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def known_num_classes(recipe: Recipe) -> int | None:
+    """How many classes a recipe fixes before its data is read: model.num_classes, else data.classes, else its CIFAR
+    dataset's; None: only the data can say."""
+    if recipe.model.num_classes is not None:
+        return recipe.model.num_classes
+    if recipe.data.classes:
+        return len(recipe.data.classes)
+    return CIFAR_NUM_CLASSES[recipe.data.dataset] if recipe.data.format == "cifar" else None
+
+
+def with_num_classes(recipe: Recipe, num_classes: int, source: str) -> Recipe:
+    """The recipe with the model's head sized to the data's `num_classes`. A recipe that sets model.num_classes to
+    another number would train a head whose extra outputs name no class (or too few outputs): one KitError."""
+    if recipe.model.num_classes not in (None, num_classes):
+        raise KitError(f"{source}: model.num_classes is {recipe.model.num_classes} but the data has {num_classes} classes; "
+                       f"leave model.num_classes out (the head takes the data's classes)")
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=num_classes))
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kit.errors import KitError
-from kit.formats import INTEGER, csv_row, is_integer, read_csv
+from kit.formats import INTEGER, csv_row, id_key, read_csv
 from kit.io import atomic_path
 
 LABEL_STYLES = ("index", "name", "probs")
@@ -27,12 +27,6 @@ class SubmissionFormat:
     style: str = "index"
     template: Path | None = None  # the sample submission it came from
     order: tuple[str, ...] | None = None  # the template's ids, as it writes them, in its row order
-
-
-def id_key(value) -> str:
-    """An id as text, integers without leading zeros, so `7`, `07` and numpy's 7 match."""
-    text = str(value).strip()
-    return str(int(text)) if is_integer(text) else text
 
 
 def format_from_options(labels: str = "index", id_column: str = "ID", label_column: str = "Labels",
@@ -64,7 +58,7 @@ def format_from_template(path: str | Path, classes: list[str] | None = None) -> 
     seen: set[str] = set()
     for i, image_id in enumerate(map(id_key, ids)):
         if image_id in seen:
-            raise KitError(f"{path}: row {csv_row(i)}: id {table[id_column][i]!r} appears twice")
+            raise KitError(f"{path}: row {csv_row(i)}: id {ids[i]!r} appears twice")
         seen.add(image_id)
     if len(label_columns) > 1:
         if classes is not None and sorted(label_columns) != sorted(classes):

@@ -31,7 +31,7 @@ from kit.errors import KitError
 from kit.faults import Stopped, StopRequest, fault_point
 from kit.io import write_text
 from kit.plots import plot_curves
-from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe
+from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_num_classes
 from kit.tensorboard import EpochLog
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s",
@@ -293,9 +293,7 @@ def fit(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = Non
     source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
     dataset = load_dataset(recipe.data)
     _check_batch(recipe, len(dataset.train))
-    if len(dataset.classes) > recipe.model.num_classes:
-        raise KitError(f"{source}: the data has {len(dataset.classes)} classes ({', '.join(dataset.classes[:5])}, ...) but "
-                       f"model.num_classes is {recipe.model.num_classes}")
+    recipe = with_num_classes(recipe, len(dataset.classes), source)
     ranks, dev = distributed.start(device)
     if recipe.train.batch_size % ranks.world_size:
         raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")

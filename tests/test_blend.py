@@ -100,16 +100,17 @@ def _probs_file(path, probs, ids, labels=None, **extra):
 
 
 def test_blend_of_other_softwares_files_picks_the_better_model(tmp_path):
-    """Two programs' (N, K) files: one right on every labelled image, one random; the blend is the right one's."""
+    """Two programs' (N, K) files: one right on every labelled image, one random; the blend is the right one's, whose
+    unlabelled file lists the ids in another order than the first file's: only matching by id writes its rows right."""
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 4
     good, noise = np.eye(4)[labels] * 0.9 + 0.025, rng.dirichlet(np.ones(4), 40)
     test_good, test_noise = rng.dirichlet(np.ones(4), 10), rng.dirichlet(np.ones(4), 10)
     ids = np.arange(100, 110)
-    args = ["--labelled", _probs_file(tmp_path / "a_val.npz", good, np.arange(40), labels),
-            "--labelled", _probs_file(tmp_path / "b_val.npz", noise, np.arange(40), labels),
-            "--unlabelled", _probs_file(tmp_path / "a_test.npz", test_good, ids),
-            "--unlabelled", _probs_file(tmp_path / "b_test.npz", test_noise[::-1], ids[::-1]),  # another order: aligned by id
+    args = ["--labelled", _probs_file(tmp_path / "b_val.npz", noise, np.arange(40), labels),
+            "--labelled", _probs_file(tmp_path / "a_val.npz", good, np.arange(40), labels),
+            "--unlabelled", _probs_file(tmp_path / "b_test.npz", test_noise, ids),  # the first file's order is the submission's
+            "--unlabelled", _probs_file(tmp_path / "a_test.npz", test_good[::-1], ids[::-1]),  # another order: aligned by id
             "--out", tmp_path / "sub.csv", "--labels", "probs"]
     code, out = run("blend", *args)
     assert code == 0, out

@@ -108,11 +108,50 @@ def _bug_boolean_mask():
     return x[x > 0]
 
 
+_ON_DEVICE = torch.ones(3, device=CPU)  # on CUDA, each method below would copy it to the host
+
+
+def _bug_copy_to_host():
+    return _ON_DEVICE.cpu()
+
+
+def _bug_numpy():
+    return _ON_DEVICE.numpy()
+
+
+def _bug_tolist():
+    return _ON_DEVICE.tolist()
+
+
+def _bug_numpy_asarray():
+    import numpy as np
+    return np.asarray(_ON_DEVICE)
+
+
+def _bug_to_the_host():
+    return _ON_DEVICE.to("cpu")
+
+
+def _bug_normal_without_device():
+    return torch.normal(0.0, 1.0, size=(3,))
+
+
+def _bug_tril_indices_without_device():
+    return torch.tril_indices(3, 3)
+
+
 @pytest.mark.parametrize("bug, op, line", [
     (_bug_index_with_device_scalar, "aten._local_scalar_dense", "return table[update]"),
     (_bug_python_value_into_tensor, "aten.lift_fresh", "kernel[1, 1] = 5.0 / 13.0"),
     (_bug_tensor_without_device, "torch.arange", "return torch.arange(4) + 1"),
     (_bug_boolean_mask, "aten.index.Tensor", "return x[x > 0]"),
+    (_bug_copy_to_host, "Tensor.cpu", "return _ON_DEVICE.cpu()"),
+    (_bug_numpy, "Tensor.numpy", "return _ON_DEVICE.numpy()"),
+    (_bug_tolist, "Tensor.tolist", "return _ON_DEVICE.tolist()"),
+    (_bug_numpy_asarray, "Tensor.__array__", "return np.asarray(_ON_DEVICE)"),
+    (_bug_to_the_host, "Tensor.to", 'return _ON_DEVICE.to("cpu")'),
+    (_bug_normal_without_device, "torch.normal", "return torch.normal(0.0, 1.0, size=(3,))"),
+    (_bug_tril_indices_without_device, "torch.tril_indices", "return torch.tril_indices(3, 3)"),
 ])
 def test_the_checker_names_each_hazard_with_its_op_and_line(bug, op, line):
     hazards = find_hazards(bug)
@@ -124,6 +163,9 @@ def test_the_checker_finds_a_host_read_and_a_data_dependent_shape():
     hazards = find_hazards(lambda: (x.nonzero(), float(x.sum())))
     assert [h.op.split(".")[1] for h in hazards] == ["nonzero", "_local_scalar_dense"]
     assert find_hazards(lambda: x.take(x[:1].squeeze().clamp(max=5)) * 2.0) == []
+    # made on a device, or from a tensor (inheriting its device): no hazard
+    assert find_hazards(lambda: (torch.normal(0.0, 1.0, size=(3,), device=CPU), torch.zeros_like(x), x.new_ones(2),
+                                 x.to(torch.float16), torch.tril_indices(3, 3, device=CPU))) == []
 
 
 # A capture that cannot crash a run: the capture path forced on the CPU with stand-ins for the CUDA graph.

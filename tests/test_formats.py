@@ -102,7 +102,8 @@ def test_models_and_augmentation_at_28x28x1_and_64x64x3(demo_dir):
     from kit.models.resnet import init_whitening, whiten_stem
     for fmt, (channels, size) in (("pixels", (1, 28)), ("folder", (3, 64))):
         recipe = load_recipe(demo_dir(fmt) / "recipe.yaml", ("model.name=resnet", "model.args.stem=whiten", "model.args.pool=fixed",
-                                                            "model.args.channels=[8,16]", "model.args.blocks=[1,1]"))
+                                                            "model.args.channels=[8,16]", "model.args.blocks=[1,1]",
+                                                            "model.num_classes=10"))  # built without its data
         model = build_model(recipe)
         images = torch.randint(0, 256, (8, channels, size, size), dtype=torch.uint8)
         init_whitening(whiten_stem(model), images.float() / 255)

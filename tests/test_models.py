@@ -6,7 +6,7 @@ from conftest import RECIPES
 
 from kit.errors import KitError
 from kit.models import ResNet, ResNetConfig, build_model, count_parameters, create_model, list_models, stage_breakdown
-from kit.recipe import load_recipe
+from kit.recipe import known_num_classes, load_recipe
 
 
 def _forward_backward(model: torch.nn.Module, num_classes: int) -> None:
@@ -32,7 +32,7 @@ BIG = ("resnet18_cifar100_wide", "resnet18_cifar100_new_wide")  # 44M and 50M pa
                          ids=lambda p: p.stem)
 def test_recipe_model_forward_backward(path):
     recipe = load_recipe(path)
-    _forward_backward(build_model(recipe, str(path)), recipe.model.num_classes)
+    _forward_backward(build_model(recipe, str(path)), known_num_classes(recipe))
 
 
 @pytest.mark.parametrize("cfg", [

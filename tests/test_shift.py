@@ -83,6 +83,37 @@ def test_predict_and_evaluate_take_adapt_bn(trained_run, demo_data, tmp_path):
     assert abs(adapted.top1.iloc[0] - plain.top1.iloc[0]) < 0.05
 
 
+def test_the_ensemble_adapts_to_the_images_it_predicts(trained_run, demo_data, tmp_path):
+    """What predict and evaluate call (Ensemble.adapt_batchnorm): each checkpoint's first BatchNorm takes the mean of
+    its input on the dimmed test images, and the probabilities predict writes change with it."""
+    import numpy as np
+
+    from kit.data import read_test_set
+    from kit.ensemble import load_ensemble
+    test = read_test_set(demo_data / "cifar_test_nolabel.pkl")
+    dimmed = _dimmed(test.images)
+    ensemble = load_ensemble([str(trained_run)], device="cpu")
+    first = batchnorm_layers(ensemble.checkpoints[0].model)[0]
+    seen = []
+    hook = first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].mean((0, 2, 3))))
+    plain = ensemble.probs(dimmed, len(dimmed))[0]  # one batch: the mean the adapted layer must hold
+    hook.remove()
+    ensemble.adapt_batchnorm(dimmed, len(dimmed))
+    adapted_first = batchnorm_layers(ensemble.checkpoints[0].model)[0]
+    torch.testing.assert_close(adapted_first.running_mean, seen[0], rtol=1e-4, atol=1e-5)
+    assert (ensemble.probs(dimmed, len(dimmed))[0] - plain).abs().max() > 0.05
+    with open(tmp_path / "dimmed.pkl", "wb") as f:
+        import pickle
+        pickle.dump({b"data": dimmed.permute(0, 2, 3, 1).numpy(), b"ids": test.ids}, f)
+    written = {}
+    for flag in ((), ("--adapt-bn",)):
+        code, out = run("predict", trained_run, "--test", tmp_path / "dimmed.pkl", "--out", tmp_path / "s.csv", "--device", "cpu",
+                        "--tta", "none", *flag)
+        assert code == 0, out
+        written[flag] = np.load(tmp_path / "s.probs.npz")["probs"]
+    assert np.abs(written[("--adapt-bn",)] - written[()]).max() > 0.05
+
+
 def test_augmix_weights_are_dirichlet_and_beta_draws():
     gen = torch.Generator().manual_seed(0)
     weights, keep = augmix_weights(4000, 3, gen)

@@ -11,7 +11,7 @@ from torch import nn
 
 from kit.errors import KitError
 from kit.models.resnet import ResNet, ResNetConfig
-from kit.recipe import Recipe
+from kit.recipe import Recipe, known_num_classes
 from kit.typed import build
 
 _PRESETS: dict[str, ResNetConfig] = {}
@@ -150,9 +150,12 @@ def stage_breakdown(model: nn.Module) -> list[tuple[str, int]]:
 
 def build_model(recipe: Recipe, source: str = "recipe", check_budget: bool = True) -> nn.Module:
     """Build the recipe's model; over-budget models fail here with the count and the budget."""
-    spec = recipe.model
+    spec, num_classes = recipe.model, known_num_classes(recipe)
+    if num_classes is None:
+        raise KitError(f"{source}: model.num_classes is left to the data's classes, which are not read here; set "
+                       f"model.num_classes or data.classes to build the model without its data")
     try:
-        model = create_model(spec.name, spec.num_classes, spec.args, spec.pretrained_path, source, recipe.data.channels,
+        model = create_model(spec.name, num_classes, spec.args, spec.pretrained_path, source, recipe.data.channels,
                              recipe.data.image_size)
     except ValueError as err:
         raise KitError(f"{source}: model.args: {err}") from None

@@ -62,8 +62,10 @@ def test_replay_equals_eager(name, demo_data):
 @pytest.mark.parametrize("name", ["kit_fast", "kit_best"])
 def test_compiled_replay_equals_eager(name, demo_data):
     captured, eager = _trainer(name, demo_data, True, "default"), _trainer(name, demo_data, False, "default")
+    assert captured.capture, f"{name}: the compiled update is not captured"
     for trainer in (captured, eager):
         _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + 2)
+    assert captured.graph is not None and eager.graph is None  # replay against eager, not eager against eager
     for a, b in zip(captured.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
@@ -107,16 +109,23 @@ def _metrics(run) -> pd.DataFrame:
 
 def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path):
     recipe = tiny_recipe(train__deterministic=True)
-    whole = train(recipe, demo_data, tmp_path / "whole", "cuda", echo=quiet)
+    graphs = []  # each epoch: was the update a replayed graph? (a silent fall-back to eager would compare eager with eager)
+
+    def record(run):
+        graphs.append(run.trainer.graph is not None)
+
+    whole = train(recipe, demo_data, tmp_path / "whole", "cuda", on_epoch_end=record, echo=quiet)
 
     def stop_after_first(run):
+        record(run)
         if run.epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train(recipe, demo_data, tmp_path / "stopped", "cuda", on_epoch_end=stop_after_first, echo=quiet)
     (stopped,) = (tmp_path / "stopped").iterdir()
-    resume(stopped, device="cuda", echo=quiet)
+    resume(stopped, device="cuda", on_epoch_end=record, echo=quiet)
+    assert graphs == [True] * (2 * recipe.train.epochs), graphs
     pd.testing.assert_frame_equal(_metrics(stopped), _metrics(whole))
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (stopped, whole))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
