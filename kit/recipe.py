@@ -16,9 +16,10 @@ DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars",
               "lookahead_momentum", "lookahead_sgd", "lookahead_adamw")  # timm's names; lookahead_* wraps the base
 SCHEDULES = ("constant", "cosine", "step", "multistep", "plateau", "poly", "onecycle")
-TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation views (kit.tta)
+TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation views (kit.inference.tta)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision and --precision (kit.device.choose_precision)
-WEIGHTS_FROM = ("best", "ema", "raw")  # which weights of a checkpoint: raw, EMA, or the better of the two at its epoch
+WEIGHTS_FROM = ("better", "ema", "raw")  # which weights of a checkpoint: the better of raw and EMA at its epoch, EMA, raw
+OLD_WEIGHTS_FROM = {"best": "better"}  # the choice's name before 0.5 ("best" is now only best.pt's: the best epoch)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class PaperSpec:
     metric: str = "top-1 validation accuracy"
 
 
-DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.formats)
+DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.data.formats)
+HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the labelled test set (--held-out)
+LABEL_STYLES = ("index", "name", "probs")  # a submission's labels (kit.inference.submission, --labels)
 VALIDATION = ("test", "split", "none")  # the labelled test set, a stratified split of the training set, or no validation
 
 
@@ -109,7 +112,6 @@ class TrainSpec:
     channels_last: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile of model + loss (CUDA)
     cuda_graph: bool = True  # CUDA: capture the whole update once and replay it (falls back to eager, saying why)
-    eval_batch_size: int = positive(1000)
     deterministic: bool = False  # deterministic kernels only (repeatable GPU runs, slower); the CPU is always repeatable
     log: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in the run directory (pip install kit[tensorboard])
 
@@ -142,7 +144,7 @@ class AugmentSpec:
 @dataclass(frozen=True)
 class PredictSpec:
     tta: Literal[TTA_MODES] = "flip"
-    batch_size: int = positive(1000)
+    batch_size: int = positive(1000)  # images per inference batch: validation, predict, evaluate, report (--batch-size)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class DistillSpec:
     teachers: tuple[str, ...] = ()  # run directories or checkpoint files (any architecture); empty: no distillation
     temperature: float = positive(4.0)
     alpha: float = field(default=0.5, metadata={"min": 0, "max": 1})  # weight of the soft term against the label loss
-    weights_from: Literal[WEIGHTS_FROM] = "best"  # which weights of each teacher checkpoint
+    weights_from: Literal[WEIGHTS_FROM] = "better"  # which weights of each teacher checkpoint
     teacher_sha256: tuple[str, ...] = ()  # filled in by kit when the run starts: the teachers it was taught by
 
 
@@ -177,6 +179,13 @@ def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) ->
         apply_override(raw, item)
     if isinstance(raw.get("data"), dict) and raw["data"].get("validation") == "test_batch":  # its name before 0.4
         raw["data"] = {**raw["data"], "validation": "test"}
+    if isinstance(raw.get("distill"), dict) and raw["distill"].get("weights_from") in OLD_WEIGHTS_FROM:
+        raw["distill"] = {**raw["distill"], "weights_from": OLD_WEIGHTS_FROM[raw["distill"]["weights_from"]]}
+    if isinstance(raw.get("train"), dict) and "eval_batch_size" in raw["train"]:  # before 0.5: validation's own batch size
+        train = dict(raw["train"])
+        predict = dict(raw.get("predict") or {})
+        predict.setdefault("batch_size", train.pop("eval_batch_size"))
+        raw["train"], raw["predict"] = train, predict
     try:
         recipe = build(Recipe, raw, source)
     except KitError as err:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kit.augment import BatchAugment, color_jitter, cutout, random_crop, random_flip, random_rotation
+from kit.data.augment import BatchAugment, color_jitter, cutout, random_crop, random_flip, random_rotation
 from kit.recipe import AugmentSpec
 
 

@@ -11,8 +11,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from kit.augment import BatchAugment, random_crop, random_erasing, random_sharpness
-from kit.autoaugment import NUM_BINS, OPS, apply_ops, magnitudes, rand_augment, trivial_augment
+from kit.data.augment import BatchAugment, random_crop, random_erasing, random_sharpness
+from kit.data.autoaugment import NUM_BINS, OPS, apply_ops, magnitudes, rand_augment, trivial_augment
 from kit.recipe import AugmentSpec
 
 NEAREST = InterpolationMode.NEAREST

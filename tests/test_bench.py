@@ -3,11 +3,11 @@ model's FLOP count agrees with a count by hand."""
 
 import pytest
 import torch
-from conftest import ROOT
 
-from kit.bench import bench, model_floor
+from kit.cli import RECIPES_DIR
 from kit.models import build_model
 from kit.recipe import load_recipe
+from kit.training.bench import bench, model_floor
 
 CPU = torch.device("cpu")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_returns_the_ratio_of_the_rates_it_measured():
     lines = []
-    figures = bench(load_recipe(ROOT / "recipes" / "demo.yaml"), updates=2, untimed=1, device="cpu", echo=lines.append)
+    figures = bench(load_recipe(RECIPES_DIR / "demo.yaml"), updates=2, untimed=1, device="cpu", echo=lines.append)
     assert figures["kit"] > 0 and figures["baseline"] > 0
     assert figures["ratio"] == figures["kit"] / figures["baseline"]
     assert f"ratio: {figures['ratio']:.2f}x" in lines
@@ -27,9 +27,25 @@ def test_bench_returns_the_ratio_of_the_rates_it_measured():
 
 
 def test_bench_runs_past_the_recipes_planned_updates():
-    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ("train.epochs=1", "train.batch_size=600"))  # 2 updates planned
+    recipe = load_recipe(RECIPES_DIR / "demo.yaml", ("train.epochs=1", "train.batch_size=600"))  # 2 updates planned
     figures = bench(recipe, updates=3, untimed=2, device="cpu", echo=lambda _: None)
     assert figures["kit"] > 0
+
+
+def test_the_breakdown_times_the_trainers_own_update(monkeypatch, demo_data):
+    """No copy of the update in the bench: every timed update is Trainer.update, its phases marked by its own hook,
+    and the figures are the gaps between the marks it made."""
+    from kit.data.datasets import load_dataset
+    from kit.training import bench as bench_module
+    from kit.training.engine import PHASES, Trainer
+    calls, marks = [], iter(range(100))
+    original = Trainer.update
+    monkeypatch.setattr(Trainer, "update", lambda self: (calls.append(self.on_phase is not None), original(self))[1])
+    monkeypatch.setattr(bench_module._EventClock, "mark", lambda self: float(next(marks)))  # 1 ms between marks
+    recipe = load_recipe(RECIPES_DIR / "demo.yaml", ("model.args.width=0.125",))
+    totals = bench_module.update_breakdown(recipe, load_dataset(recipe.data, demo_data), CPU, updates=3)
+    assert calls == [False, False, True, True, True]  # two untimed, three timed
+    assert totals == dict.fromkeys(PHASES, 1000.0)  # the clock's seconds as milliseconds, each phase one tick
 
 
 def _forward_flops_by_hand(model: torch.nn.Module) -> float:
@@ -57,7 +73,7 @@ def _forward_flops_by_hand(model: torch.nn.Module) -> float:
 
 
 def test_model_floor_counts_forward_and_backward_flops():
-    recipe = load_recipe(ROOT / "recipes" / "resnet_4643.yaml")
+    recipe = load_recipe(RECIPES_DIR / "resnet_4643.yaml")
     forward = _forward_flops_by_hand(build_model(recipe))
     figures = model_floor(recipe, CPU)
     # backward costs two forwards, less the input gradient of the first convolution

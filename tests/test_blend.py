@@ -4,10 +4,9 @@ probabilities, kit's own and other software's."""
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, quiet, run, tiny_recipe
 
 from kit.errors import KitError
-from kit.submission import check_submission, format_from_options, format_from_template, submission_table
+from kit.inference.submission import check_submission, format_from_options, format_from_template, submission_table
 
 CLASSES = ["cat", "dog", "frog"]
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
@@ -43,7 +42,7 @@ def test_one_probability_column_is_the_second_class_of_two(tmp_path):
 def test_ids_are_written_as_the_files_and_the_template_spell_them(tmp_path):
     from PIL import Image
 
-    from kit.data import read_test_set
+    from kit.data.datasets import read_test_set
     from kit.recipe import DataSpec
     for name in ("010", "007", "9"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{name}.png")
@@ -99,7 +98,7 @@ def _probs_file(path, probs, ids, labels=None, **extra):
     return path
 
 
-def test_blend_of_other_softwares_files_picks_the_better_model(tmp_path):
+def test_blend_of_other_softwares_files_picks_the_better_model(tmp_path, run):
     """Two programs' (N, K) files: one right on every labelled image, one random; the blend is the right one's, whose
     unlabelled file lists the ids in another order than the first file's: only matching by id writes its rows right."""
     rng = np.random.default_rng(0)
@@ -119,7 +118,7 @@ def test_blend_of_other_softwares_files_picks_the_better_model(tmp_path):
     assert sub.ID.tolist() == ids.tolist() and np.allclose(sub[["0", "1", "2", "3"]].to_numpy(), test_good, atol=1e-6)
 
 
-def test_bad_blend_inputs_are_one_line_and_write_nothing(tmp_path):
+def test_bad_blend_inputs_are_one_line_and_write_nothing(tmp_path, assert_one_line_error, run):
     labelled = _probs_file(tmp_path / "v.npz", np.full((4, 2), 0.5), np.arange(4), [0, 1, 0, 1])
     unlabelled = _probs_file(tmp_path / "t.npz", np.full((3, 2), 0.5), [7, 8, 9])
     out = tmp_path / "sub.csv"
@@ -139,11 +138,11 @@ def test_bad_blend_inputs_are_one_line_and_write_nothing(tmp_path):
         assert not out.exists()
 
 
-def test_blend_equals_predict_with_the_same_weights(trained_run, demo_data, tmp_path, monkeypatch):
+def test_blend_equals_predict_with_the_same_weights(trained_run, demo_data, tmp_path, monkeypatch, quiet, run, tiny_recipe):
     """kit blend from evaluate's and predict's saved probabilities writes what kit predict writes with the weights
     the selection chose (pinned here to 0.3/0.7, so that both members count)."""
-    from kit import blend
-    from kit.train import train
+    from kit.inference import blend
+    from kit.training.run import train
     members = [trained_run, train(tiny_recipe(train__epochs=1), demo_data, tmp_path / "runs", "cpu", echo=quiet)]
     test = demo_data / "cifar_test_nolabel.pkl"
     assert run("evaluate", *members, "--probs-out", tmp_path / "val.npz", "--device", "cpu")[0] == 0

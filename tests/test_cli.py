@@ -8,16 +8,16 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, assert_one_line_error, run
 
 from kit import __version__
+from kit.cli import RECIPES_DIR
 
 
-def test_version():
+def test_version(run):
     assert run("--version") == (0, f"kit, version {__version__}\n")
 
 
-def test_recipes_table_shows_exact_counts():
+def test_recipes_table_shows_exact_counts(run):
     code, out = run("recipes")
     assert code == 0
     for row in [("preact_gelu", "2,796,714", "ok", "90.76%"), ("resnet_4643", "4,902,186", "ok"),
@@ -26,12 +26,12 @@ def test_recipes_table_shows_exact_counts():
         assert all(cell in line for cell in row), line
 
 
-def test_params_breakdown_with_override():
-    code, out = run("params", ROOT / "recipes" / "resnet_4643.yaml", "--set", "model.args.width=0.5")
+def test_params_breakdown_with_override(run):
+    code, out = run("params", RECIPES_DIR / "resnet_4643.yaml", "--set", "model.args.width=0.5")
     assert code == 0 and "stage4" in out and "total" in out and "budget: 5,000,000 (ok)" in out
 
 
-def test_unknown_key_through_train(tmp_path):
+def test_unknown_key_through_train(tmp_path, assert_one_line_error, run):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
     code, out = run("train", bad)
@@ -40,18 +40,18 @@ def test_unknown_key_through_train(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["train", "missing.yaml"], ["missing.yaml: recipe file not found"]),
-    (["train", ROOT / "recipes" / "demo.yaml", "--set", "optim.lr=fast"], ["--set", "optim.lr: expected float"]),
+    (["train", RECIPES_DIR / "demo.yaml", "--set", "optim.lr=fast"], ["--set", "optim.lr: expected float"]),
     (["train"], ["give either RECIPE or --resume RUN_DIR"]),
-    (["train", ROOT / "recipes" / "demo.yaml", "--data-root", "/no/such/dir", "--device", "cpu"], ["/no/such/dir: data root not found"]),
+    (["train", RECIPES_DIR / "demo.yaml", "--data-root", "/no/such/dir", "--device", "cpu"], ["/no/such/dir: data root not found"]),
     (["train", "--resume", "/no/run"], ["/no/run: not a run directory"]),
-    (["params", ROOT / "recipes" / "demo.yaml", "--set", "model.name=resnet19"], ["unknown model 'resnet19'"]),
+    (["params", RECIPES_DIR / "demo.yaml", "--set", "model.name=resnet19"], ["unknown model 'resnet19'"]),
 ])
-def test_bad_inputs_give_one_line_errors(args, fragments):
+def test_bad_inputs_give_one_line_errors(args, fragments, assert_one_line_error, run):
     assert_one_line_error(*run(*args), *fragments)
 
 
-def test_train_resume_predict_check_flow(demo_data, tmp_path):
-    code, out = run("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path / "runs",
+def test_train_resume_predict_check_flow(demo_data, tmp_path, run):
+    code, out = run("train", RECIPES_DIR / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path / "runs",
                     "--device", "cpu", "--set", "train.epochs=1")
     assert code == 0, out
     run_dir = out.strip().splitlines()[-1].removeprefix("run: ")
@@ -65,7 +65,7 @@ def test_train_resume_predict_check_flow(demo_data, tmp_path):
     assert run("check-submission", csv, "--test", demo_data / "cifar_test_nolabel.pkl")[0] == 0
 
 
-def test_wrong_shaped_pickle_fails_in_one_line_with_no_file(trained_run, tmp_path):
+def test_wrong_shaped_pickle_fails_in_one_line_with_no_file(trained_run, tmp_path, assert_one_line_error, run):
     bad = tmp_path / "bad.pkl"
     with open(bad, "wb") as f:
         pickle.dump({b"data": np.zeros((4, 16, 16, 3), np.uint8), b"ids": np.arange(4)}, f)
@@ -74,7 +74,7 @@ def test_wrong_shaped_pickle_fails_in_one_line_with_no_file(trained_run, tmp_pat
     assert not list(tmp_path.glob("s.*"))
 
 
-def test_check_submission_exit_code(tmp_path, demo_data):
+def test_check_submission_exit_code(tmp_path, demo_data, assert_one_line_error, run):
     csv = tmp_path / "s.csv"
     csv.write_text("ID,Labels\n0,1\n")
     code, out = run("check-submission", csv, "--test", demo_data / "cifar_test_nolabel.pkl")
@@ -85,26 +85,26 @@ def test_check_submission_exit_code(tmp_path, demo_data):
 def test_installed_entry_point_prints_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  name: [\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent)}
     result = subprocess.run([sys.executable, "-m", "kit.cli", "train", str(bad)], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_command_prints_every_figure():
-    code, out = run("bench", ROOT / "recipes" / "demo.yaml", "--updates", 2, "--untimed", 1, "--device", "cpu")
+def test_bench_command_prints_every_figure(run):
+    code, out = run("bench", RECIPES_DIR / "demo.yaml", "--updates", 2, "--untimed", 1, "--device", "cpu")
     assert code == 0, out
     for start in ("bench demo: batch 16", "kit engine  (fp32", "baseline    (", "ratio: ", "eager update: augmentation ", "model: "):
         assert any(line.startswith(start) for line in out.splitlines()), (start, out)
 
 
-def test_data_demo_command(tmp_path):
+def test_data_demo_command(tmp_path, run):
     code, out = run("data", "demo", tmp_path / "d")
     assert code == 0 and (tmp_path / "d" / "cifar-10-batches-py" / "test_batch").is_file()
     assert (tmp_path / "d" / "test_labels.csv").is_file() and (tmp_path / "d" / "cifar_test_nolabel.pkl").is_file()
 
 
-def test_unwritable_output_is_a_one_line_error(trained_run, demo_data, tmp_path):
+def test_unwritable_output_is_a_one_line_error(trained_run, demo_data, tmp_path, assert_one_line_error, run):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, out = run("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", blocker / "s.csv",
@@ -112,7 +112,7 @@ def test_unwritable_output_is_a_one_line_error(trained_run, demo_data, tmp_path)
     assert_one_line_error(code, out, str(blocker))
 
 
-def test_export_command_writes_a_checkpoint_predict_reads(trained_run, demo_data, tmp_path):
+def test_export_command_writes_a_checkpoint_predict_reads(trained_run, demo_data, tmp_path, run):
     out = tmp_path / "m.safetensors"
     code, text = run("export", trained_run, "--format", "safetensors", "--out", out)
     assert code == 0 and text.strip().startswith(f"exported: {out} (safetensors, ") and out.is_file()
@@ -120,8 +120,8 @@ def test_export_command_writes_a_checkpoint_predict_reads(trained_run, demo_data
     assert code == 0 and "model compute: " in text, text
 
 
-def test_train_gpus_runs_its_own_arguments_again_under_torchrun(monkeypatch):
-    from kit import distributed
+def test_train_gpus_runs_its_own_arguments_again_under_torchrun(monkeypatch, run):
+    from kit.training import distributed
     launched = []
     monkeypatch.setattr(distributed, "launch", lambda n, args: launched.append((n, args)) or 0)
     code, out = run("train", "r.yaml", "--gpus", 3, "--set", "optim.lr=0.1", "--runs", "somewhere", "--device", "cpu")
@@ -131,12 +131,12 @@ def test_train_gpus_runs_its_own_arguments_again_under_torchrun(monkeypatch):
 
 def test_inference_does_not_import_the_sweep():
     """Arrows point down: ensembles read a list of runs, not kit.sweep (which needs Optuna)."""
-    code = "import sys, kit.ensemble, kit.predict, kit.evaluate, kit.report; print(any(m.startswith('kit.sweep') for m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = "import sys, kit.inference.ensemble, kit.inference.predict, kit.inference.evaluate, kit.inference.report; print(any(m.startswith('kit.sweep') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent)})
     assert result.stdout.strip() == "False", result.stderr
 
 
 def test_each_choice_list_is_defined_once():
+    from kit.inference.tta import TTA_VIEWS
     from kit.recipe import TTA_MODES
-    from kit.tta import TTA_VIEWS
     assert tuple(TTA_VIEWS) == TTA_MODES

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from kit.data import DEMO_TEST, DEMO_UNLABELLED, channel_stats, download_cifar, load_dataset, make_demo_data, read_test_pickle
+from kit.data.datasets import (
+    DEMO_TEST,
+    DEMO_UNLABELLED,
+    channel_stats,
+    download_cifar,
+    load_dataset,
+    make_demo_data,
+    read_test_pickle,
+)
 from kit.errors import KitError
 from kit.recipe import DataSpec
 

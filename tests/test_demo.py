@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from kit.cli import cli
-from kit.demo import submission_accuracy
+from kit.cli.demo import submission_accuracy
 
 
 @pytest.mark.slow

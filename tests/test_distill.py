@@ -6,43 +6,47 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, quiet, run, tiny_recipe
 
-from kit.checkpoint import read_payload
-from kit.distill import soft_loss
+from kit.cli import RECIPES_DIR
+from kit.inference.checkpoint import read_payload
 from kit.recipe import load_recipe
-from kit.train import resume, train
+from kit.training.distill import soft_loss
+from kit.training.run import resume, train
 
 TIMING = ["seconds", "images_per_s"]
 
 
 @pytest.fixture(scope="module")
-def second_teacher(demo_data, tmp_path_factory):
+def second_teacher(demo_data, tmp_path_factory, quiet, tiny_recipe):
     return train(tiny_recipe(train__seed=1), data_root=demo_data, out_root=tmp_path_factory.mktemp("teacher"), device="cpu", echo=quiet)
 
 
-def _student(teachers, **overrides):
-    recipe = tiny_recipe(**overrides)
-    import dataclasses
-    return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, teachers=tuple(map(str, teachers))))
+@pytest.fixture
+def student_of(tiny_recipe):
+    """The tiny recipe (with `overrides`) distilled from `teachers`."""
+    def make(teachers, **overrides):
+        import dataclasses
+        recipe = tiny_recipe(**overrides)
+        return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, teachers=tuple(map(str, teachers))))
+    return make
 
 
 def _metrics(run_dir) -> pd.DataFrame:
     return pd.read_csv(run_dir / "metrics.csv").drop(columns=TIMING)
 
 
-def test_student_of_two_teachers_learns_and_records_them(trained_run, second_teacher, demo_data, tmp_path):
-    student = train(_student([trained_run, second_teacher]), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
+def test_student_of_two_teachers_learns_and_records_them(trained_run, second_teacher, demo_data, tmp_path, quiet, student_of):
+    student = train(student_of([trained_run, second_teacher]), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
     metrics = pd.read_csv(student / "metrics.csv")
     assert max(metrics.val_acc.iloc[-1], metrics.ema_val_acc.iloc[-1]) > 0.5  # chance is 0.1
     saved = load_recipe(student / "recipe.yaml").distill
     assert saved.teachers == (str((trained_run / "best.pt").resolve()), str((second_teacher / "best.pt").resolve()))
-    from kit.distill import file_sha256
+    from kit.training.distill import file_sha256
     assert saved.teacher_sha256 == tuple(file_sha256(t) for t in saved.teachers)
 
 
-def test_alpha_zero_is_plain_training_bit_for_bit(trained_run, second_teacher, demo_data, tmp_path):
-    student = train(_student([trained_run, second_teacher], distill__alpha=0.0), data_root=demo_data, out_root=tmp_path,
+def test_alpha_zero_is_plain_training_bit_for_bit(trained_run, second_teacher, demo_data, tmp_path, quiet, student_of):
+    student = train(student_of([trained_run, second_teacher], distill__alpha=0.0), data_root=demo_data, out_root=tmp_path,
                     device="cpu", echo=quiet)
     pd.testing.assert_frame_equal(_metrics(student), _metrics(trained_run))
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (student, trained_run))
@@ -62,15 +66,12 @@ def test_soft_loss_by_hand():
     assert soft_loss(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_distillation_run_resumes_bit_exactly(trained_run, demo_data, tmp_path):
-    whole = train(_student([trained_run]), data_root=demo_data, out_root=tmp_path / "whole", device="cpu", echo=quiet)
+def test_distillation_run_resumes_bit_exactly(trained_run, demo_data, tmp_path, quiet, student_of, stop_after_first_epoch):
+    whole = train(student_of([trained_run]), data_root=demo_data, out_root=tmp_path / "whole", device="cpu", echo=quiet)
 
-    def stop_after_first(r):
-        if r.epoch == 1:
-            raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train(_student([trained_run]), data_root=demo_data, out_root=tmp_path / "cut", device="cpu",
-              on_epoch_end=stop_after_first, echo=quiet)
+        train(student_of([trained_run]), data_root=demo_data, out_root=tmp_path / "cut", device="cpu",
+              on_epoch_end=stop_after_first_epoch, echo=quiet)
     (cut,) = (tmp_path / "cut").iterdir()
     resume(cut, device="cpu", echo=quiet)
     pd.testing.assert_frame_equal(_metrics(cut), _metrics(whole))
@@ -78,11 +79,11 @@ def test_distillation_run_resumes_bit_exactly(trained_run, demo_data, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_a_changed_teacher_stops_the_resume(trained_run, demo_data, tmp_path):
+def test_a_changed_teacher_stops_the_resume(trained_run, demo_data, tmp_path, assert_one_line_error, quiet, run, student_of):
     import shutil
     teacher = tmp_path / "teacher.pt"
     shutil.copy(trained_run / "best.pt", teacher)
-    student = train(_student([teacher], train__epochs=1), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
+    student = train(student_of([teacher], train__epochs=1), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
     payload = read_payload(teacher)
     payload.pop("path")
     payload["best_acc"] = 0.0
@@ -111,8 +112,8 @@ def _teacher_of_28x28_images(trained_run, path):
     return path
 
 
-def test_bad_teachers_fail_in_one_line(trained_run, demo_data, tmp_path):
-    demo = ROOT / "recipes" / "demo.yaml"
+def test_bad_teachers_fail_in_one_line(trained_run, demo_data, tmp_path, assert_one_line_error, run):
+    demo = RECIPES_DIR / "demo.yaml"
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     five = _teacher_with_5_classes(trained_run, tmp_path / "five.pt")

@@ -7,9 +7,10 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import ROOT
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+from kit.cli import RECIPES_DIR
+
+ENV = {**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent), "OMP_NUM_THREADS": "1"}
 # Augmentation off: then the two runs see the same shared permutation, and DDP's averaged gradient of two
 # 32-image halves is the 64-image gradient except through BatchNorm, which normalizes each half by its own
 # statistics. That (plus summation order) is the whole difference; measured: 2.4% on the train loss and
@@ -24,7 +25,7 @@ def _kit(*args) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(demo_data, tmp_path):
-    recipe = ROOT / "recipes" / "demo.yaml"
+    recipe = RECIPES_DIR / "demo.yaml"
     one = _kit("train", recipe, "--data-root", demo_data, "--runs", tmp_path / "one", *SETTINGS)
     two = _kit("train", recipe, "--data-root", demo_data, "--runs", tmp_path / "two", "--gpus", 2, *SETTINGS)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr

@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quiet
 from sklearn.metrics import classification_report
 
-from kit.blend import greedy_selection, selection_halves, topk
 from kit.errors import KitError
-from kit.evaluate import evaluate
-from kit.report import confused_pairs, per_class_table, report
-from kit.submission import check_submission
+from kit.inference.blend import greedy_selection, selection_halves
+from kit.inference.evaluate import evaluate
+from kit.inference.report import confused_pairs, per_class_table, report
+from kit.inference.scores import topk
+from kit.inference.submission import check_submission
 
 
 def test_topk():
@@ -28,7 +28,7 @@ def test_greedy_selection_prefers_the_member_that_helps():
     assert weights[1] == 1.0 and weights[0] == 0.0
 
 
-def test_evaluate_table_and_selection_file(trained_run, tmp_path):
+def test_evaluate_table_and_selection_file(trained_run, tmp_path, quiet):
     csv, sel = tmp_path / "t.csv", tmp_path / "sel.json"
     table = evaluate([str(trained_run), str(trained_run)], tta="shift", select=True, csv_out=str(csv),
                      select_out=str(sel), device="cpu", echo=quiet)
@@ -37,13 +37,11 @@ def test_evaluate_table_and_selection_file(trained_run, tmp_path):
     assert pd.read_csv(csv).shape == table.shape and sel.is_file()
 
 
-def test_evaluate_refuses_members_scored_on_different_images(trained_run, demo_data, tmp_path):
+def test_evaluate_refuses_members_scored_on_different_images(trained_run, demo_data, tmp_path, quiet, tiny_recipe):
     import dataclasses
 
-    from conftest import tiny_recipe
-
     from kit.recipe import load_recipe
-    from kit.train import train
+    from kit.training.run import train
     recipe = tiny_recipe(train__epochs=1)
     split = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, validation="split"))
     other = train(split, data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
@@ -74,7 +72,7 @@ def test_confused_pairs_are_ordered_by_count():
     assert pairs[["true", "predicted", "count"]].values.tolist() == [["c", "b", 4], ["a", "b", 3], ["b", "a", 1]]
 
 
-def test_report_writes_every_part(trained_run, tmp_path):
+def test_report_writes_every_part(trained_run, tmp_path, quiet):
     (out,) = report([str(trained_run)], report_dir=str(tmp_path), tta="flip", device="cpu", echo=quiet)
     assert {"per_class.csv", "confusion.csv", "confusion.png", "confused_pairs.csv", "curves.png", "REPORT.md"} <= {
         p.name for p in out.iterdir()}
@@ -129,11 +127,11 @@ def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
     assert "blend chosen on 150 images; every figure below is on the other 150" in lines
     import json
     assert json.loads(sel.read_text())["scored_on"] == 150
-    from kit.checkpoint import load_checkpoint
-    from kit.data import load_dataset
+    from kit.data.datasets import load_dataset
     from kit.device import Precision
-    from kit.tta import tta_views
-    checkpoint = load_checkpoint(trained_run, "best", torch.device("cpu"))
+    from kit.inference.checkpoint import load_checkpoint
+    from kit.inference.tta import tta_views
+    checkpoint = load_checkpoint(trained_run, "better", torch.device("cpu"))
     data = load_dataset(checkpoint.recipe.data)
     predicted = checkpoint.probs(data.held_out.images, tta_views("none"), 1000, Precision(torch.device("cpu"))).argmax(1)
     _, report = selection_halves(data.held_out.labels, 0.5)

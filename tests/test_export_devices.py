@@ -7,14 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_one_line_error, quiet, run, tiny_recipe
 
-from kit.checkpoint import load_checkpoint, read_payload
-from kit.ema import CachedModelEma
 from kit.errors import KitError
-from kit.export import ONNX_MIN_TORCH, export, torch_version
-from kit.predict import predict
-from kit.train import resume, train
+from kit.inference.checkpoint import load_checkpoint, read_payload
+from kit.inference.export import ONNX_MIN_TORCH, export, torch_version
+from kit.inference.predict import predict
+from kit.training.ema import CachedModelEma
+from kit.training.run import resume, train
 
 CPU = torch.device("cpu")
 
@@ -23,13 +22,13 @@ def _probs(csv_path) -> np.ndarray:
     return np.load(csv_path.with_suffix(".probs.npz"))["probs"]
 
 
-def test_safetensors_export_predicts_like_its_checkpoint(trained_run, demo_data, tmp_path):
+def test_safetensors_export_predicts_like_its_checkpoint(trained_run, demo_data, tmp_path, quiet):
     out = export(str(trained_run), "safetensors", weights_from="ema", out=str(tmp_path / "m.safetensors"), echo=quiet)
     pkl = str(demo_data / "cifar_test_nolabel.pkl")
     a = predict([str(trained_run / "best.pt")], pkl, tta="flip", weights_from="ema", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
     b = predict([str(out)], pkl, tta="flip", out=str(tmp_path / "b.csv"), device="cpu", echo=quiet)
     assert np.array_equal(_probs(a), _probs(b)) and pd.read_csv(a).equals(pd.read_csv(b))
-    loaded = load_checkpoint(out, "best", CPU)
+    loaded = load_checkpoint(out, "better", CPU)
     assert loaded.weights_from == "ema" and loaded.num_params == 78_042 and loaded.recipe.name == "demo"
     with pytest.raises(KitError, match=r"m\.safetensors: holds only the ema weights"):
         load_checkpoint(out, "raw", CPU)
@@ -50,7 +49,7 @@ def test_onnx_and_torchscript_match_torch(trained_run, tmp_path, fmt):
     out = export(str(trained_run), fmt, out=str(tmp_path / f"m.{fmt}"), echo=lines.append)
     difference = float(lines[0].rsplit(": ", 1)[1])
     assert out.is_file() and difference < 1e-4
-    checkpoint = load_checkpoint(trained_run, "best", CPU)
+    checkpoint = load_checkpoint(trained_run, "better", CPU)
     images = torch.rand(3, 3, 32, 32)
     expected = checkpoint.model((images - checkpoint.mean.view(1, 3, 1, 1)) / checkpoint.std.view(1, 3, 1, 1))
     if fmt == "onnx":
@@ -61,14 +60,14 @@ def test_onnx_and_torchscript_match_torch(trained_run, tmp_path, fmt):
     assert np.abs(got - expected.detach().numpy()).max() < 1e-4
 
 
-def test_export_without_onnxruntime_fails_in_one_line(trained_run, tmp_path, monkeypatch):
+def test_export_without_onnxruntime_fails_in_one_line(trained_run, tmp_path, monkeypatch, assert_one_line_error, run):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does for a package that is not installed
     code, out = run("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert_one_line_error(code, out, "needs the onnxruntime package", "kit[export]")
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_tensorboard_events_are_readable(demo_data, tmp_path):
+def test_tensorboard_events_are_readable(demo_data, tmp_path, quiet, tiny_recipe):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = train(tiny_recipe(train__log="tensorboard"), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -81,7 +80,7 @@ def test_tensorboard_events_are_readable(demo_data, tmp_path):
     assert [e.value for e in val] == pytest.approx(metrics.val_acc.tolist(), rel=1e-6)
 
 
-def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path):
+def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path, quiet, tiny_recipe):
     """Stand-in for a run saved elsewhere: other optimizer device flags and a CUDA (Philox) data-stream state in
     last.pt (tensors torch.load(map_location='cpu') maps anyway). The resumed run steps with its own flags."""
     run_dir = train(tiny_recipe(train__epochs=1), data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
@@ -99,7 +98,7 @@ def test_resume_on_the_cpu_of_a_run_saved_from_cuda(demo_data, tmp_path):
     assert all(g["fused"] and g["capturable"] and not g["foreach"] for g in saved["optimizer"]["param_groups"])
 
 
-def test_deterministic_switch_is_on_during_the_run_only(demo_data, tmp_path):
+def test_deterministic_switch_is_on_during_the_run_only(demo_data, tmp_path, quiet, tiny_recipe):
     seen = []
     train(tiny_recipe(train__epochs=1, train__deterministic=True), data_root=demo_data, out_root=tmp_path, device="cpu",
           on_epoch_end=lambda _: seen.append(torch.are_deterministic_algorithms_enabled()), echo=quiet)
@@ -125,7 +124,7 @@ def test_cached_ema_equals_timm_model_ema_v3():
 
 def test_optimizer_state_keeps_the_engines_lr_tensors():
     """On CUDA the engine writes every update's LR into the param groups' LR tensors: a resume must keep them."""
-    from kit.optim import load_optimizer_state
+    from kit.training.optim import load_optimizer_state
     params = [torch.nn.Parameter(torch.zeros(2))]
     saved = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     params[0].grad = torch.ones(2)
@@ -138,9 +137,9 @@ def test_optimizer_state_keeps_the_engines_lr_tensors():
     assert "momentum_buffer" in fresh.state[params[0]]
 
 
-def test_onnx_export_on_an_older_torch_fails_in_one_line(trained_run, tmp_path, monkeypatch):
-    import kit.export
-    monkeypatch.setattr(kit.export, "torch_version", lambda: (2, 5))
+def test_onnx_export_on_an_older_torch_fails_in_one_line(trained_run, tmp_path, monkeypatch, assert_one_line_error, run):
+    import kit.inference.export
+    monkeypatch.setattr(kit.inference.export, "torch_version", lambda: (2, 5))
     code, out = run("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert_one_line_error(code, out, "--format onnx needs torch >= 2.11", "safetensors and torchscript work here")
     assert not (tmp_path / "m.onnx").exists()

@@ -5,13 +5,12 @@ import dataclasses
 
 import pandas as pd
 import torch
-from conftest import quiet, tiny_recipe
 
-from kit.augment import alternating_flip
-from kit.data import load_dataset
-from kit.engine import build_trainer
+from kit.data.augment import alternating_flip
+from kit.data.datasets import load_dataset
 from kit.models.resnet import ResNet, ResNetConfig, init_whitening, whiten_stem
-from kit.train import train
+from kit.training.engine import build_trainer
+from kit.training.run import train
 
 CPU = torch.device("cpu")
 
@@ -33,7 +32,7 @@ def test_whitening_stem_decorrelates_patches():
     assert whiten_stem(ResNet(ResNetConfig(blocks=(1,), channels=(16,)), 10)) is None
 
 
-def test_the_trainer_sets_the_whitening_filters(demo_data):
+def test_the_trainer_sets_the_whitening_filters(demo_data, quiet, tiny_recipe):
     recipe = _with_model_args(tiny_recipe(), stem="whiten")
     dataset = load_dataset(recipe.data, demo_data)
     trainer = build_trainer(recipe, dataset, CPU, echo=quiet)
@@ -65,7 +64,7 @@ def test_alternating_flip_alternates_per_image():
     assert torch.equal(alternating_flip(x, index, torch.tensor(2)), even)
 
 
-def test_batchnorm_parameters_get_their_lr_scale(demo_data):
+def test_batchnorm_parameters_get_their_lr_scale(demo_data, quiet, tiny_recipe):
     recipe = tiny_recipe(optim__norm_lr_scale=8.0)
     trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
     trainer.epoch(max_updates=2)
@@ -77,9 +76,9 @@ def test_batchnorm_parameters_get_their_lr_scale(demo_data):
     assert groups[1]["lr"] == 8.0 * groups[0]["lr"] == 8.0 * 0.004
 
 
-def test_lookahead_and_alternating_flip_train_and_resume(demo_data, tmp_path):
+def test_lookahead_and_alternating_flip_train_and_resume(demo_data, tmp_path, quiet, tiny_recipe):
     recipe = tiny_recipe(optim__name="lookahead_momentum", augment__alternate_flip=True, train__epochs=1)
     run = train(recipe, data_root=demo_data, out_root=tmp_path, device="cpu", echo=quiet)
-    from kit.train import resume
+    from kit.training.run import resume
     resume(run, overrides=("train.epochs=2",), device="cpu", echo=quiet)
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [1, 2]

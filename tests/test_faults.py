@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, quiet, run, tiny_recipe
 
-from kit.checkpoint import read_payload
+from kit.cli import RECIPES_DIR
 from kit.faults import Stopped
-from kit.train import new_run_dir, resume, train
+from kit.inference.checkpoint import read_payload
+from kit.training.run import new_run_dir, resume, train
 
 TIMING = ["seconds", "images_per_s"]
 UPDATES_PER_EPOCH = 74  # 1,197 demo training images // batch 16
@@ -38,7 +38,7 @@ def _same_weights(a, b) -> bool:
 
 @pytest.mark.parametrize("signal_name, code", [("sigterm", 143), ("sigint", 130)])
 def test_a_signal_mid_epoch_stops_at_an_update_and_the_run_continues_from_it(signal_name, code, demo_data, trained_run,
-                                                                             tmp_path, monkeypatch):
+                                                                             tmp_path, monkeypatch, quiet, tiny_recipe):
     # the signal arrives just before update 100 (epoch 2), and again while last.pt is being written
     monkeypatch.setenv("KIT_FAULT", f"{signal_name}:update:100,{signal_name}:write:last.pt@2")
     with pytest.raises(Stopped) as stopped:
@@ -70,7 +70,7 @@ def test_a_run_without_a_checkpoint_resumes_from_the_start(demo_data, trained_ru
     assert _same_weights(run_dir, trained_run) and not list(run_dir.glob(".*.tmp"))
 
 
-def test_resume_rewrites_a_metrics_file_written_ahead_of_last_pt(demo_data, trained_run, tmp_path):
+def test_resume_rewrites_a_metrics_file_written_ahead_of_last_pt(demo_data, trained_run, tmp_path, quiet):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     payload = torch.load(run_dir / "last.pt", weights_only=True)
@@ -82,7 +82,7 @@ def test_resume_rewrites_a_metrics_file_written_ahead_of_last_pt(demo_data, trai
 
 # Kills at many moments, in subprocesses, each resumed and compared with the uninterrupted run.
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent), "OMP_NUM_THREADS": "1"}
 SETTINGS = ["--set", "train.epochs=2", "--set", "schedule.name=constant", "--set", "optim.lr=0.004", "--device", "cpu"]
 MOMENTS = {  # KIT_FAULT -> what the killed process should have ended with
     "update:30": -9,  # inside the first epoch: no checkpoint yet
@@ -103,7 +103,7 @@ def _kit(*args, fault: str | None = None) -> subprocess.CompletedProcess:
 
 def _killed_then_resumed(fault: str, demo_data, root) -> tuple:
     out = root / fault.replace(":", "_").replace("@", "_")
-    killed = _kit("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--runs", out, *SETTINGS, fault=fault)
+    killed = _kit("train", RECIPES_DIR / "demo.yaml", "--data-root", demo_data, "--runs", out, *SETTINGS, fault=fault)
     (run_dir,) = out.iterdir()
     visible = {p.name: read_payload(p)["epoch"] for p in run_dir.glob("*.pt")}  # never a half-written checkpoint
     resumed = _kit("train", "--resume", run_dir, "--device", "cpu")
@@ -112,7 +112,7 @@ def _killed_then_resumed(fault: str, demo_data, root) -> tuple:
 
 @pytest.mark.slow
 def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(demo_data, tmp_path):
-    whole = _kit("train", ROOT / "recipes" / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path / "whole", *SETTINGS)
+    whole = _kit("train", RECIPES_DIR / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path / "whole", *SETTINGS)
     assert whole.returncode == 0, whole.stderr
     (reference,) = (tmp_path / "whole").iterdir()
     best_epoch = int(torch.load(reference / "last.pt", weights_only=True)["best_epoch"])
@@ -159,7 +159,8 @@ def _error_line(code: int, out: str) -> tuple[int, str]:
     ("pathlib.Path.write_text", ("metrics.csv",)),
     ("matplotlib.figure.Figure.savefig", ("curves.png",)),
 ])
-def test_a_full_disk_during_a_save_keeps_the_run_resumable(writer, written, trained_run, tmp_path, monkeypatch):
+def test_a_full_disk_during_a_save_keeps_the_run_resumable(writer, written, trained_run, tmp_path, monkeypatch,
+                                                           assert_one_line_error, quiet, run):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
@@ -175,7 +176,7 @@ def test_a_full_disk_during_a_save_keeps_the_run_resumable(writer, written, trai
 
 
 def test_a_torch_save_failure_by_text_is_a_write_error(trained_run, tmp_path, monkeypatch):
-    from kit.checkpoint import save_checkpoint
+    from kit.inference.checkpoint import save_checkpoint
     monkeypatch.setattr("torch.save", lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")))
     with pytest.raises(Exception, match=r"last.pt: could not be written \(.*file write failed\); its previous version is kept"):
@@ -189,7 +190,8 @@ def test_a_torch_save_failure_by_text_is_a_write_error(trained_run, tmp_path, mo
     ("report", "pathlib.Path.write_text", "report/per_class.csv"),
     ("export", "safetensors.torch.save_file", "m.safetensors"),
 ])
-def test_a_full_disk_keeps_the_previous_output(command, writer, target, trained_run, demo_data, tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_output(command, writer, target, trained_run, demo_data, tmp_path, monkeypatch,
+                                               assert_one_line_error, run):
     args = {"predict": ["predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", tmp_path / "s.csv"],
             "report": ["report", trained_run, "--report-dir", tmp_path / "report"],
             "export": ["export", trained_run, "--format", "safetensors", "--out", tmp_path / "m.safetensors"]}[command]
@@ -227,7 +229,7 @@ def test_runs_started_in_the_same_second_each_claim_their_own_directory(tmp_path
 def _vote(rank: int, init_file: str, answers) -> None:
     import torch.distributed as dist
 
-    from kit.distributed import Ranks, any_rank
+    from kit.training.distributed import Ranks, any_rank
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     answers[rank] = [any_rank(rank == 1, Ranks(rank, 2), torch.device("cpu")), any_rank(False, Ranks(rank, 2), torch.device("cpu"))]
     dist.destroy_process_group()

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quiet, run
 
-from kit.data import _digits_rgb, demo_split, load_dataset, read_test_set
-from kit.demo_data import DIGIT_NAMES, make_demo_format
+from kit.data.datasets import _digits_rgb, demo_split, load_dataset, read_test_set
+from kit.data.demo import DIGIT_NAMES, make_demo_format
 from kit.recipe import load_recipe
 
 FORMATS = {  # format: (unlabelled test set, sample submission, (channels, size), answers' columns)
@@ -59,7 +58,7 @@ def test_every_format_holds_the_same_digits(fmt, demo_dir):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, trained_run):
+def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, trained_run, run):
     """kit data demo, train, predict into the sample submission's format, check it, and blend the saved probabilities:
     one member blended equals its own prediction."""
     data = demo_dir(fmt)
@@ -85,7 +84,7 @@ def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, traine
         assert code == 2 and "takes 32x32 images with 3 channel(s)" in out and "cannot be ensembled" in out, out
 
 
-def test_data_demo_writes_each_layout_with_its_recipe(tmp_path):
+def test_data_demo_writes_each_layout_with_its_recipe(tmp_path, run):
     code, out = run("data", "demo", tmp_path / "d", "--format", "npz")
     assert code == 0 and f"kit train {tmp_path / 'd' / 'recipe.yaml'}" in out, out
     recipe = load_recipe(tmp_path / "d" / "recipe.yaml")
@@ -97,7 +96,7 @@ def test_data_demo_writes_each_layout_with_its_recipe(tmp_path):
 def test_models_and_augmentation_at_28x28x1_and_64x64x3(demo_dir):
     """The stem takes the recipe's channels, a fixed pool sizes itself by image_size, whitening works on one channel,
     and every augmentation op keeps the shape and stays finite at both sizes."""
-    from kit.augment import BatchAugment
+    from kit.data.augment import BatchAugment
     from kit.models import build_model
     from kit.models.resnet import init_whitening, whiten_stem
     for fmt, (channels, size) in (("pixels", (1, 28)), ("folder", (3, 64))):
@@ -118,10 +117,10 @@ def test_models_and_augmentation_at_28x28x1_and_64x64x3(demo_dir):
             assert x.shape == images.shape and torch.isfinite(x).all()
 
 
-def test_a_grayscale_recipe_is_capture_safe(demo_dir):
+def test_a_grayscale_recipe_is_capture_safe(demo_dir, quiet):
     """The one-channel update (colour ops on gray, whitening on 1 channel) has no capture hazard."""
-    from kit.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
-    from kit.hazards import find_hazards
+    from kit.training.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
+    from kit.training.hazards import find_hazards
     recipe = load_recipe(demo_dir("pixels") / "recipe.yaml", FAST + ("augment.policy=randaugment", "augment.color_jitter=0.3",
                                                                      "model.name=resnet", "model.args.stem=whiten",
                                                                      "model.args.channels=[8,16]", "model.args.blocks=[1,1]"))
@@ -133,9 +132,9 @@ def test_a_grayscale_recipe_is_capture_safe(demo_dir):
     assert not hazards, "\n".join(map(str, hazards))
 
 
-def test_validation_none_trains_on_every_image_and_keeps_the_last_epoch(demo_dir, tmp_path):
+def test_validation_none_trains_on_every_image_and_keeps_the_last_epoch(demo_dir, tmp_path, run):
     lines = []
-    from kit.train import train
+    from kit.training.run import train
     recipe = load_recipe(demo_dir("npz") / "recipe.yaml", ("train.epochs=2", "model.args.width=0.125", "data.validation=none"))
     run_dir = train(recipe, out_root=tmp_path, device="cpu", echo=lines.append)
     assert "1,197 training / 0 validation images" in lines[0] and "best.pt is the last epoch" in lines[1]
@@ -188,8 +187,7 @@ def _break(root: Path, defect: str) -> None:
     ("duplicate id", ("labels.csv: row 8: id '2' appears twice",)),
     ("label not a class", ("labels.csv: row 3: label 'b' is not a class (a, c)",)),
 ])
-def test_bad_data_is_one_line_naming_the_file_and_row_and_writes_nothing(tmp_path, defect, fragments):
-    from conftest import assert_one_line_error
+def test_bad_data_is_one_line_naming_the_file_and_row_and_writes_nothing(tmp_path, defect, fragments, assert_one_line_error, run):
     recipe = _tiny_csv_set(tmp_path / "data")
     code, out = run("train", recipe, "--runs", tmp_path / "runs", "--device", "cpu")
     assert code == 0, out  # the intact set trains
@@ -208,8 +206,8 @@ def test_bad_data_is_one_line_naming_the_file_and_row_and_writes_nothing(tmp_pat
     ("id," + ",".join(f"pixel{i}" for i in range(64)) + "\n1," + ",".join(["0"] * 64) + "\n", "no column 'label'"),
 ])
 def test_bad_pixel_csvs(tmp_path, table, fragment):
+    from kit.data.formats import read_pixels
     from kit.errors import KitError
-    from kit.formats import read_pixels
     from kit.recipe import DataSpec
     (tmp_path / "p.csv").write_text(table)
     with pytest.raises(KitError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -217,8 +215,8 @@ def test_bad_pixel_csvs(tmp_path, table, fragment):
 
 
 def test_bad_npz_and_folders(tmp_path):
+    from kit.data.formats import read_class_folders, read_npz
     from kit.errors import KitError
-    from kit.formats import read_class_folders, read_npz
     from kit.recipe import DataSpec
     spec = DataSpec(format="npz", train="a.npz", image_size=8)
     np.savez(tmp_path / "a.npz", images=np.zeros((4, 9, 9, 3), np.uint8), labels=np.zeros(4))
@@ -233,11 +231,11 @@ def test_bad_npz_and_folders(tmp_path):
 
 
 def test_text_that_only_looks_like_an_integer_is_a_name_not_a_crash(tmp_path):
-    """One integer rule (kit.formats.is_integer) for ids, labels and templates: `--7` or `²` pass str.isdigit() after
+    """One integer rule (kit.data.formats.is_integer) for ids, labels and templates: `--7` or `²` pass str.isdigit() after
     stripping but not int(); they are names, and a bad one is a one-line error."""
+    from kit.data.formats import id_order, label_indices
     from kit.errors import KitError
-    from kit.formats import id_order, label_indices
-    from kit.submission import format_from_template, id_key
+    from kit.inference.submission import format_from_template, id_key
     assert [id_key(t) for t in ("007", "-3", "--7", "²")] == ["7", "-3", "--7", "²"]
     assert id_order(np.array(["10", "9"], dtype=object)).tolist() == [1, 0]  # numbers
     assert id_order(np.array(["--7", "10", "9"], dtype=object)).tolist() == [0, 1, 2]  # text
@@ -252,8 +250,10 @@ def test_text_that_only_looks_like_an_integer_is_a_name_not_a_crash(tmp_path):
 
 
 def test_the_command_lines_choice_lists_are_the_modules():
-    """kit.cli_options keeps copies so that parsing arguments does not import torch; they must not drift."""
-    from kit import cli_options as cli
-    from kit import data, demo_data, recipe, submission
-    assert cli.LABEL_STYLES == submission.LABEL_STYLES and cli.DEMO_FORMATS == demo_data.DEMO_FORMATS == recipe.DATA_FORMATS
-    assert cli.HELD_OUT == data.HELD_OUT
+    """Each choice list has one owner, kit.recipe (no torch to import to parse arguments), which the CLI and the modules
+    that check the choices both read: no copy can drift."""
+    from kit import recipe
+    from kit.cli import options as cli
+    from kit.inference import submission
+    assert cli.LABEL_STYLES is submission.LABEL_STYLES is recipe.LABEL_STYLES and cli.HELD_OUT is recipe.HELD_OUT
+    assert not any(name in vars(cli) for name in ("DEMO_FORMATS",)) and "DEMO_FORMATS" not in vars(__import__("kit.data.demo").data.demo)

@@ -44,7 +44,7 @@ def _reads_or_refuses(read, check=lambda result: None):
 
 
 def _valid_read(read) -> None:
-    from kit.formats import label_indices
+    from kit.data.formats import label_indices
     n = len(read.images)
     assert n > 0 and str(read.images.dtype) == "torch.uint8" and len(read.ids) == n and len(read.where) == n
     if read.labels is not None:
@@ -57,7 +57,7 @@ def _valid_read(read) -> None:
 @given(header=st.lists(st.sampled_from(["label", "id", "p0", "p1", "p2", "p3", "x"]), min_size=1, max_size=6),
        rows=st.lists(st.lists(CELLS, min_size=0, max_size=7), max_size=5))
 def test_pixel_csvs(header, rows):
-    from kit.formats import read_pixels
+    from kit.data.formats import read_pixels
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.csv"
         path.write_text(_csv([header, *rows]))
@@ -72,7 +72,7 @@ def test_pixel_csvs(header, rows):
 def test_csvs_of_ids_and_labels(rows, header):
     from PIL import Image
 
-    from kit.formats import read_csv_and_images
+    from kit.data.formats import read_csv_and_images
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "train").mkdir()
@@ -97,7 +97,7 @@ ARRAYS = st.one_of(
 @given(arrays=st.dictionaries(st.sampled_from(["images", "labels", "ids", "classes", "train_images", "train_labels", "x"]),
                               ARRAYS, max_size=5))
 def test_npz_files(arrays):
-    from kit.formats import read_npz, unlabelled_ids
+    from kit.data.formats import read_npz, unlabelled_ids
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "a.npz"
         np.savez(path, **arrays)
@@ -116,7 +116,7 @@ PLAIN = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 300), s
 @FUZZ
 @given(obj=st.one_of(PLAIN, st.fixed_dictionaries({b"data": ARRAYS, b"ids": ARRAYS})), raw=st.binary(max_size=40))
 def test_test_pickles(obj, raw):
-    from kit.data import read_test_ids, read_test_pickle
+    from kit.data.datasets import read_test_ids, read_test_pickle
     with tempfile.TemporaryDirectory() as tmp:
         for content in (pickle.dumps(obj, protocol=2), raw):
             path = Path(tmp) / "test.pkl"
@@ -131,7 +131,7 @@ def test_test_pickles(obj, raw):
        rows=st.lists(st.lists(CELLS, min_size=0, max_size=4), max_size=4),
        classes=st.sampled_from([None, ["cat", "dog"], ["0", "1", "2"]]))
 def test_sample_submissions(header, rows, classes):
-    from kit.submission import check_submission, format_from_template, submission_table
+    from kit.inference.submission import check_submission, format_from_template, submission_table
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sample.csv"
         path.write_text(_csv([header, *rows]) if header else "")
@@ -153,7 +153,7 @@ def test_sample_submissions(header, rows, classes):
                               max_size=5),
        labelled=st.booleans())
 def test_probability_files(arrays, labelled):
-    from kit.blend import read_probs
+    from kit.inference.blend import read_probs
 
     def valid(f):
         probs = f.member_probs.numpy()
@@ -184,7 +184,7 @@ def test_recipes(text, raw):
 @pytest.mark.parametrize("name", ["pixels", "npz"])
 def test_the_fuzzers_reach_valid_sets_too(name, tmp_path):
     """The strategies above include valid files: a reader that refused everything would pass them all."""
-    from kit.formats import read_npz, read_pixels
+    from kit.data.formats import read_npz, read_pixels
     if name == "pixels":
         (tmp_path / "p.csv").write_text("label,p0,p1,p2,p3\n1,0,0,0,255\n")
         read = read_pixels(tmp_path / "p.csv", DataSpec(format="pixels", train="p.csv", image_size=2, channels=1))

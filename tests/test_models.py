@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import RECIPES
 
+from kit.cli import recipe_files
 from kit.errors import KitError
 from kit.models import ResNet, ResNetConfig, build_model, count_parameters, create_model, list_models, stage_breakdown
 from kit.recipe import known_num_classes, load_recipe
@@ -28,7 +28,7 @@ def test_registered_preset_forward_backward(name):
 BIG = ("resnet18_cifar100_wide", "resnet18_cifar100_new_wide")  # 44M and 50M parameters
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in BIG else p for p in RECIPES],
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in BIG else p for p in recipe_files()],
                          ids=lambda p: p.stem)
 def test_recipe_model_forward_backward(path):
     recipe = load_recipe(path)

@@ -4,11 +4,11 @@ non-finite update on the device, lowers the scale, counts it), and `kit doctor` 
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, quiet, run, tiny_recipe, tiny_trainer
 
+from kit.cli import RECIPES_DIR
+from kit.cli.doctor import has_kernels
 from kit.device import choose_precision, inference_precision
-from kit.doctor import has_kernels
-from kit.train import train
+from kit.training.run import train
 
 CUDA = torch.device("cuda")
 
@@ -38,8 +38,8 @@ def test_auto_precision_follows_the_compute_capability(capability, bf16_native, 
     assert choose_precision("fp16", torch.device("cpu")) == ("fp32", "the CPU trains and predicts in fp32")
 
 
-def test_an_injected_inf_skips_the_update_halves_the_scale_and_is_counted(demo_data):
-    trainer = tiny_trainer(ROOT / "recipes" / "demo.yaml", demo_data, overrides=("train.precision=fp16",))
+def test_an_injected_inf_skips_the_update_halves_the_scale_and_is_counted(demo_data, tiny_trainer):
+    trainer = tiny_trainer(RECIPES_DIR / "demo.yaml", demo_data, overrides=("train.precision=fp16",))
     assert trainer.scaler is not None and trainer.capture is False  # fp16 on the CPU: the same scaler code, fp32 math
     trainer.forward_loss.train()
     for _ in range(3):
@@ -58,7 +58,7 @@ def test_an_injected_inf_skips_the_update_halves_the_scale_and_is_counted(demo_d
     assert int(trainer.skipped_sum) == 1
 
 
-def test_skipped_updates_are_a_metrics_column(demo_data, tmp_path):
+def test_skipped_updates_are_a_metrics_column(demo_data, tmp_path, quiet, tiny_recipe):
     run_dir = train(tiny_recipe(train__precision="fp16", train__epochs=1), demo_data, tmp_path, "cpu", echo=quiet)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert "skipped_updates" in metrics.columns and metrics.skipped_updates.tolist() == [0]
@@ -70,18 +70,18 @@ def test_has_kernels_reads_torchs_arch_list():
     assert has_kernels((8, 9), ["sm_70", "compute_80"])  # PTX at or below the device
 
 
-def test_doctor_on_the_cpu_says_so():
-    code, out = run("doctor", ROOT / "recipes" / "kit_fast.yaml", "--device", "cpu")
+def test_doctor_on_the_cpu_says_so(run):
+    code, out = run("doctor", RECIPES_DIR / "kit_fast.yaml", "--device", "cpu")
     assert code == 0, out
     assert "device: the CPU (no CUDA device here)" in out and "precision: fp32" in out
     assert "recipe kit_fast: 2,193,282 parameters" in out and "update: one CUDA graph per update on a GPU" in out
     assert "advice:" not in out
 
 
-def test_doctor_on_a_stood_in_t4_advises(monkeypatch):
+def test_doctor_on_a_stood_in_t4_advises(monkeypatch, quiet):
     _stand_in_gpu(monkeypatch, (7, 5), False, arch=("sm_80", "sm_90"), name="Tesla T4")
-    from kit.doctor import doctor
-    lines = doctor(str(ROOT / "recipes" / "kit_best.yaml"), device="cuda", echo=quiet)
+    from kit.cli.doctor import doctor
+    lines = doctor(str(RECIPES_DIR / "kit_best.yaml"), device="cuda", echo=quiet)
     text = "\n".join(lines)
     assert "device: Tesla T4, compute capability 7.5, 70.0 of 80.0 GiB free" in text
     assert "precision: fp16 (auto: compute capability 7.5 has no native bf16" in text
@@ -99,17 +99,17 @@ def test_worker_devices_round_robin():
 def test_seeds_are_separate_runs_each_pinned_to_its_gpu(demo_data, tmp_path, monkeypatch):
     import subprocess
 
-    from kit import seeds as seeds_module
+    from kit.training import seeds as seeds_module
     started = []
     real_popen = subprocess.Popen
 
     def recording_popen(args, env=None, **kwargs):
         started.append((args[args.index("--set", args.index("--device")) + 1:], env.get("CUDA_VISIBLE_DEVICES")))
-        return real_popen(args, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, **kwargs)
+        return real_popen(args, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(RECIPES_DIR.parent)}, **kwargs)
 
     monkeypatch.setattr(seeds_module.subprocess, "Popen", recording_popen)
     lines = []
-    finished = seeds_module.train_seeds(str(ROOT / "recipes" / "demo.yaml"), "demo", [0, 1, 2], devices=("0", "1"),
+    finished = seeds_module.train_seeds(str(RECIPES_DIR / "demo.yaml"), "demo", [0, 1, 2], devices=("0", "1"),
                                         overrides=("train.epochs=1",), data_root=str(demo_data), runs_dir=str(tmp_path),
                                         device="cpu", echo=lines.append, poll_s=0.1)
     assert [(r.seed, r.code) for r in finished] == [(0, 0), (1, 0), (2, 0)]
@@ -122,6 +122,6 @@ def test_seeds_are_separate_runs_each_pinned_to_its_gpu(demo_data, tmp_path, mon
     assert lines[0] == f"seed 0 on GPU 0: log {tmp_path / 'demo-s0.log'}"
 
 
-def test_seeds_from_the_command_line_validate_first(tmp_path):
-    code, out = run("train", ROOT / "recipes" / "demo.yaml", "--seeds", "0,x", "--runs", tmp_path, "--device", "cpu")
+def test_seeds_from_the_command_line_validate_first(tmp_path, run):
+    code, out = run("train", RECIPES_DIR / "demo.yaml", "--seeds", "0,x", "--runs", tmp_path, "--device", "cpu")
     assert code == 2 and "--seeds 0,x: expected comma-separated integers" in out

@@ -7,16 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quiet
 
-from kit.checkpoint import load_checkpoint, read_payload
-from kit.data import read_test_pickle
+from kit.data.datasets import read_test_pickle
 from kit.device import Precision
-from kit.engine import predict_probs
-from kit.ensemble import ensemble_probs
 from kit.errors import KitError
-from kit.predict import predict
-from kit.tta import TTA_VIEWS, mirror, translate, tta_views
+from kit.inference.checkpoint import load_checkpoint, read_payload
+from kit.inference.ensemble import ensemble_probs
+from kit.inference.predict import predict
+from kit.inference.scores import predict_probs
+from kit.inference.tta import TTA_VIEWS, mirror, translate, tta_views
 
 CPU = torch.device("cpu")
 
@@ -35,7 +34,7 @@ def test_pkl(tmp_path, demo_data):
     return _pickle(tmp_path / "test.pkl", test.images.permute(0, 2, 3, 1).numpy(), ids), ids
 
 
-def test_ensemble_of_copies_equals_the_single_checkpoint(trained_run, test_pkl, tmp_path):
+def test_ensemble_of_copies_equals_the_single_checkpoint(trained_run, test_pkl, tmp_path, quiet):
     pkl, _ = test_pkl
     one = predict([str(trained_run)], str(pkl), tta="flip", out=str(tmp_path / "one.csv"), device="cpu", echo=quiet)
     three = predict([str(trained_run)] * 3, str(pkl), tta="flip", out=str(tmp_path / "three.csv"), device="cpu", echo=quiet)
@@ -69,7 +68,7 @@ def test_weighted_ensemble_is_a_normalized_mean():
     assert torch.allclose(ensemble_probs([a, b]), torch.tensor([[0.5, 0.5]]))
 
 
-def test_csv_format_and_order(trained_run, test_pkl, tmp_path):
+def test_csv_format_and_order(trained_run, test_pkl, tmp_path, quiet):
     pkl, ids = test_pkl
     out = predict([str(trained_run)], str(pkl), out=str(tmp_path / "s.csv"), device="cpu", echo=quiet)
     table = pd.read_csv(out)
@@ -80,7 +79,7 @@ def test_csv_format_and_order(trained_run, test_pkl, tmp_path):
     assert probs["probs"].argmax(1).tolist() == table.Labels.tolist()
 
 
-def test_every_accepted_layout_gives_the_same_predictions(trained_run, test_pkl, tmp_path):
+def test_every_accepted_layout_gives_the_same_predictions(trained_run, test_pkl, tmp_path, quiet):
     pkl, ids = test_pkl
     hwc = read_test_pickle(pkl).images  # (N, 3, 32, 32)
     outs = []
@@ -99,7 +98,7 @@ def test_every_accepted_layout_gives_the_same_predictions(trained_run, test_pkl,
     ({b"data": np.zeros((3, 32, 32, 3), np.uint8), b"ids": np.array([1, 2, 1])}, r"duplicates \(e\.g\. 1 appears 2 times\)"),
     ([1, 2], r"expected a dict in the pickle"),
 ])
-def test_bad_test_pickles_fail_before_writing(trained_run, tmp_path, obj, message):
+def test_bad_test_pickles_fail_before_writing(trained_run, tmp_path, obj, message, quiet):
     path = tmp_path / "bad.pkl"
     with open(path, "wb") as f:
         pickle.dump(obj, f)
@@ -110,7 +109,7 @@ def test_bad_test_pickles_fail_before_writing(trained_run, tmp_path, obj, messag
     assert not list(tmp_path.glob("never*"))
 
 
-def test_checkpoints_with_other_classes_cannot_be_ensembled(trained_run, tmp_path, test_pkl):
+def test_checkpoints_with_other_classes_cannot_be_ensembled(trained_run, tmp_path, test_pkl, quiet):
     ckpt = read_payload(trained_run)
     ckpt.pop("path")
     ckpt["classes"] = [f"c{i}" for i in range(10)]
@@ -125,25 +124,25 @@ def test_checkpoint_whose_weights_do_not_fit(trained_run, tmp_path):
     ckpt["recipe"]["model"]["num_classes"] = 100
     torch.save(ckpt, tmp_path / "wrong.pt")
     with pytest.raises(KitError, match=r"wrong\.pt: weights do not fit the model its recipe builds"):
-        load_checkpoint(tmp_path / "wrong.pt", "best", CPU)
+        load_checkpoint(tmp_path / "wrong.pt", "better", CPU)
 
 
 def test_missing_and_unreadable_checkpoints(tmp_path):
     with pytest.raises(KitError, match="checkpoint not found"):
-        load_checkpoint(tmp_path / "none.pt", "best", CPU)
+        load_checkpoint(tmp_path / "none.pt", "better", CPU)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(KitError, match=r"junk\.pt: not a readable kit checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt", "best", CPU)
+        load_checkpoint(tmp_path / "junk.pt", "better", CPU)
 
 
 def test_weights_from_raw_ema_best(trained_run):
     ckpt = read_payload(trained_run)
     assert load_checkpoint(trained_run, "raw", CPU).weights_from == "raw"
     assert load_checkpoint(trained_run, "ema", CPU).weights_from == "ema"
-    assert load_checkpoint(trained_run, "best", CPU).weights_from == ckpt["best_weights_from"]
+    assert load_checkpoint(trained_run, "better", CPU).weights_from == ckpt["best_weights_from"]
 
 
-def test_blend_option_numbers_and_selection_file(trained_run, test_pkl, tmp_path):
+def test_blend_option_numbers_and_selection_file(trained_run, test_pkl, tmp_path, quiet):
     pkl, _ = test_pkl
     runs = [str(trained_run), str(trained_run / "last.pt")]
     with pytest.raises(KitError, match="need 2 non-negative weights"):

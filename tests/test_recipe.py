@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import yaml
-from conftest import RECIPES
 
+from kit.cli import recipe_files
 from kit.errors import KitError
 from kit.models import build_model, count_parameters
 from kit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
@@ -27,16 +27,16 @@ EXACT_COUNTS = {  # the papers' reported counts (DEVELOPERS.md / issue 2), demo 
 
 
 def test_every_recipe_is_counted():
-    assert sorted(p.stem for p in RECIPES) == sorted(EXACT_COUNTS)
+    assert sorted(p.stem for p in recipe_files()) == sorted(EXACT_COUNTS)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", recipe_files(), ids=lambda p: p.stem)
 def test_recipe_builds_with_exact_count(path):
     recipe = load_recipe(path)
     assert count_parameters(build_model(recipe, str(path))) == EXACT_COUNTS[path.stem]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", recipe_files(), ids=lambda p: p.stem)
 def test_recipe_round_trips_through_yaml(path, tmp_path):
     recipe = load_recipe(path)
     copy = tmp_path / f"{path.stem}.yaml"
@@ -100,7 +100,7 @@ def test_name_defaults_to_file_stem(write_recipe):
 
 
 def test_overrides_apply_and_validate():
-    base = RECIPES[0]
+    base = recipe_files()[0]
     recipe = load_recipe(base, ("optim.lr=0.05", "train.epochs=2", "model.args.width=0.5"))
     assert (recipe.optim.lr, recipe.train.epochs, recipe.model.args["width"]) == (0.05, 2, 0.5)
     with pytest.raises(KitError, match=r"unknown key 'optim\.lrr'"):

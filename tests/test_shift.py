@@ -5,28 +5,28 @@ robustness table and its recommendation; --adapt-bn through predict and evaluate
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, quiet, run
 
-from kit.adapt import adapt_batchnorm, batchnorm_layers
-from kit.autoaugment import OPS, augmix, augmix_weights, magnitudes
-from kit.checkpoint import load_checkpoint
-from kit.corrupt import CORRUPTIONS, corrupt
-from kit.data import load_dataset
+from kit.cli import RECIPES_DIR
+from kit.data.autoaugment import OPS, augmix, augmix_weights, magnitudes
+from kit.data.corrupt import CORRUPTIONS, corrupt
+from kit.data.datasets import load_dataset
 from kit.device import Precision
 from kit.errors import KitError
+from kit.inference.adapt import adapt_batchnorm, batchnorm_layers
+from kit.inference.checkpoint import load_checkpoint
+from kit.inference.robustness import recommendation, robustness, score_under_shift
+from kit.inference.tta import tta_views
 from kit.recipe import load_recipe
-from kit.robustness import recommendation, robustness, score_under_shift
-from kit.train import train
-from kit.tta import tta_views
+from kit.training.run import train
 
 CPU = torch.device("cpu")
 PREC = Precision(CPU)
 
 
 @pytest.fixture(scope="module")
-def trained_run(demo_data, tmp_path_factory):
+def trained_run(demo_data, tmp_path_factory, quiet):
     """The demo recipe trained to its end (8 epochs): BatchNorm statistics that describe its training images."""
-    return train(load_recipe(ROOT / "recipes" / "demo.yaml"), demo_data, tmp_path_factory.mktemp("full"), "cpu", echo=quiet)
+    return train(load_recipe(RECIPES_DIR / "demo.yaml"), demo_data, tmp_path_factory.mktemp("full"), "cpu", echo=quiet)
 
 
 def _held_out(checkpoint):
@@ -39,14 +39,14 @@ def _dimmed(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_adaptation_helps_a_batchnorm_model_on_a_shifted_copy(trained_run):
-    checkpoint = load_checkpoint(trained_run, "best", CPU)
+    checkpoint = load_checkpoint(trained_run, "better", CPU)
     data = _held_out(checkpoint)
     plain, adapted = score_under_shift(checkpoint, _dimmed(data.images), data.labels, tta_views("none"), 500, PREC, prior=0.0)
     assert adapted > plain + 0.05, (plain, adapted)
 
 
 def test_adaptation_changes_little_on_unshifted_images_and_leaves_the_model_alone(trained_run):
-    checkpoint = load_checkpoint(trained_run, "best", CPU)
+    checkpoint = load_checkpoint(trained_run, "better", CPU)
     data = _held_out(checkpoint)
     before = {k: v.clone() for k, v in checkpoint.model.state_dict().items()}
     plain, adapted = score_under_shift(checkpoint, data.images, data.labels, tta_views("none"), 500, PREC, prior=0.0)
@@ -55,7 +55,7 @@ def test_adaptation_changes_little_on_unshifted_images_and_leaves_the_model_alon
 
 
 def test_the_prior_strength_blends_training_and_new_statistics(trained_run):
-    checkpoint = load_checkpoint(trained_run, "best", CPU)
+    checkpoint = load_checkpoint(trained_run, "better", CPU)
     images = _dimmed(_held_out(checkpoint).images)
     first = batchnorm_layers(checkpoint.model)[0]
     fresh = batchnorm_layers(adapt_batchnorm(checkpoint.model, images, checkpoint.mean, checkpoint.std, PREC))[0]
@@ -71,37 +71,37 @@ def test_a_model_without_batchnorm_gets_one_line():
         adapt_batchnorm(model, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), torch.ones(3), PREC, name="m.pt")
 
 
-def test_predict_and_evaluate_take_adapt_bn(trained_run, demo_data, tmp_path):
+def test_predict_and_evaluate_take_adapt_bn(trained_run, demo_data, tmp_path, quiet, run):
     code, out = run("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--adapt-bn", "--adapt-prior", 16,
                     "--out", tmp_path / "s.csv", "--device", "cpu")
     assert code == 0, out
     assert "BatchNorm statistics re-estimated on the 300 test images (prior strength 16)" in out
     assert len(pd.read_csv(tmp_path / "s.csv")) == 300
-    from kit.evaluate import evaluate
+    from kit.inference.evaluate import evaluate
     plain = evaluate([str(trained_run)], tta="none", device="cpu", echo=quiet)
     adapted = evaluate([str(trained_run)], tta="none", device="cpu", adapt_bn=True, echo=quiet)
     assert abs(adapted.top1.iloc[0] - plain.top1.iloc[0]) < 0.05
 
 
-def test_the_ensemble_adapts_to_the_images_it_predicts(trained_run, demo_data, tmp_path):
+def test_the_ensemble_adapts_to_the_images_it_predicts(trained_run, demo_data, tmp_path, run):
     """What predict and evaluate call (Ensemble.adapt_batchnorm): each checkpoint's first BatchNorm takes the mean of
     its input on the dimmed test images, and the probabilities predict writes change with it."""
     import numpy as np
 
-    from kit.data import read_test_set
-    from kit.ensemble import load_ensemble
+    from kit.data.datasets import read_test_set
+    from kit.inference.ensemble import load_ensemble
     test = read_test_set(demo_data / "cifar_test_nolabel.pkl")
     dimmed = _dimmed(test.images)
-    ensemble = load_ensemble([str(trained_run)], device="cpu")
+    ensemble = load_ensemble([str(trained_run)], device="cpu", batch_size=len(dimmed))  # one batch: the mean the adapted layer must hold
     first = batchnorm_layers(ensemble.checkpoints[0].model)[0]
     seen = []
     hook = first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].mean((0, 2, 3))))
-    plain = ensemble.probs(dimmed, len(dimmed))[0]  # one batch: the mean the adapted layer must hold
+    plain = ensemble.probs(dimmed)[0]
     hook.remove()
-    ensemble.adapt_batchnorm(dimmed, len(dimmed))
+    ensemble.adapt_batchnorm(dimmed)
     adapted_first = batchnorm_layers(ensemble.checkpoints[0].model)[0]
     torch.testing.assert_close(adapted_first.running_mean, seen[0], rtol=1e-4, atol=1e-5)
-    assert (ensemble.probs(dimmed, len(dimmed))[0] - plain).abs().max() > 0.05
+    assert (ensemble.probs(dimmed)[0] - plain).abs().max() > 0.05
     with open(tmp_path / "dimmed.pkl", "wb") as f:
         import pickle
         pickle.dump({b"data": dimmed.permute(0, 2, 3, 1).numpy(), b"ids": test.ids}, f)
@@ -164,7 +164,7 @@ def test_robustness_table_plot_and_recommendation(trained_run, tmp_path):
     assert severe.top1 < clean.top1  # the corruption hurts
 
 
-def test_evaluate_corrupt_from_the_command_line(trained_run, tmp_path):
+def test_evaluate_corrupt_from_the_command_line(trained_run, tmp_path, run):
     code, out = run("evaluate", trained_run, "--corrupt", "--adapt-prior", 16, "--csv", tmp_path / "r.csv",
                     "--plot", tmp_path / "r.png", "--device", "cpu")
     assert code == 0, out

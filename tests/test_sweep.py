@@ -8,21 +8,21 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import ROOT, quiet
 
+from kit.cli import RECIPES_DIR
 from kit.errors import KitError
-from kit.evaluate import evaluate
+from kit.inference.evaluate import evaluate
 from kit.sweep import parse_grid, read_space, sweep
 
-DEMO = str(ROOT / "recipes" / "demo.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+DEMO = str(RECIPES_DIR / "demo.yaml")
+ENV = {**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent), "OMP_NUM_THREADS": "1"}
 
 
 def _sweep_cmd(out, *args) -> list[str]:
     return [sys.executable, "-m", "kit.cli", "sweep", DEMO, "--sweeps", str(out), "--device", "cpu", *map(str, args)]
 
 
-def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path):
+def test_grid_gives_one_run_per_point_and_a_table(demo_data, tmp_path, quiet):
     lines = []
     table = sweep(DEMO, overrides=("train.epochs=1",), grid=("optim.lr=0.004,0.002", "augment.cutout_size=0,8"),
                   out_root=str(tmp_path), data_root=str(demo_data), device="cpu", prune=False, echo=lines.append)
@@ -57,14 +57,14 @@ def test_workers_pinned_to_devices_run_the_trials(demo_data, tmp_path):
     assert set(table.device.astype(str)) <= {"0", "1"} and "2 at a time on GPUs 0, 1" in lines[0]
 
 
-def test_a_hopeless_trial_is_pruned(demo_data, tmp_path):
+def test_a_hopeless_trial_is_pruned(demo_data, tmp_path, quiet):
     table = sweep(DEMO, overrides=("train.epochs=3",), grid=("optim.lr=0.004,1e-9",), out_root=str(tmp_path),
                   data_root=str(demo_data), device="cpu", prune_startup=1, echo=quiet)
     assert table.state.tolist() == ["COMPLETE", "PRUNED"] and table.epochs.tolist() == [3, 1]
     assert "| PRUNED |" in (tmp_path / "demo" / "results.md").read_text()
 
 
-def test_tpe_space_runs_the_planned_trials(demo_data, tmp_path):
+def test_tpe_space_runs_the_planned_trials(demo_data, tmp_path, quiet):
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {low: 0.001, high: 0.01, log: true}\naugment.cutout_size: {choices: [0, 8]}\n")
     table = sweep(DEMO, overrides=("train.epochs=1",), space=str(space), trials=2, out_root=str(tmp_path),
@@ -79,7 +79,7 @@ def test_tpe_space_runs_the_planned_trials(demo_data, tmp_path):
     ({"space": "x.yaml"}, "--space needs --trials"),
     ({"grid": ("optim.lr=fast",)}, "optim.lr: expected float"),
 ])
-def test_bad_sweeps_fail_before_any_trial(tmp_path, kwargs, message):
+def test_bad_sweeps_fail_before_any_trial(tmp_path, kwargs, message, quiet):
     with pytest.raises(KitError, match=message):
         sweep(DEMO, out_root=str(tmp_path), device="cpu", echo=quiet, **kwargs)
     assert not (tmp_path / "demo").exists()

@@ -7,13 +7,13 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from conftest import RECIPES, ROOT, quiet, tiny_recipe
 from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 
+from kit.cli import RECIPES_DIR, recipe_files
 from kit.errors import KitError
 from kit.recipe import load_recipe
-from kit.schedule import lr_table
-from kit.train import METRIC_COLUMNS, resume, train
+from kit.training.run import METRIC_COLUMNS, resume, train
+from kit.training.schedule import lr_table
 
 TIMING = ["seconds", "images_per_s"]
 
@@ -39,17 +39,15 @@ def test_three_epochs_learn_and_write_every_artifact(trained_run):
     assert saved.train.epochs == 3 and saved.data.root.startswith("/")
 
 
-def test_same_recipe_and_seed_give_identical_metrics(demo_data, trained_run, tmp_path):
+def test_same_recipe_and_seed_give_identical_metrics(demo_data, trained_run, tmp_path, quiet, tiny_recipe):
     again = train(tiny_recipe(), demo_data, tmp_path, "cpu", echo=quiet)
     pd.testing.assert_frame_equal(_metrics(again), _metrics(trained_run))
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(demo_data, trained_run, tmp_path):
-    def stop_after_first(run):
-        if run.epoch == 1:
-            raise KeyboardInterrupt
+def test_interrupted_run_resumes_to_the_same_metrics(demo_data, trained_run, tmp_path, quiet, tiny_recipe,
+                                                     stop_after_first_epoch):
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_recipe(), demo_data, tmp_path, "cpu", on_epoch_end=stop_after_first, echo=quiet)
+        train(tiny_recipe(), demo_data, tmp_path, "cpu", on_epoch_end=stop_after_first_epoch, echo=quiet)
     (run,) = tmp_path.iterdir()
     assert len(pd.read_csv(run / "metrics.csv")) == 1
     resume(run, device="cpu", echo=quiet)
@@ -59,14 +57,14 @@ def test_interrupted_run_resumes_to_the_same_metrics(demo_data, trained_run, tmp
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-def test_resume_extends_a_finished_run(demo_data, tmp_path):
+def test_resume_extends_a_finished_run(demo_data, tmp_path, quiet, tiny_recipe):
     run = train(tiny_recipe(), demo_data, tmp_path, "cpu", echo=quiet)
     resume(run, ("train.epochs=4",), device="cpu", echo=quiet)
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [1, 2, 3, 4]
     assert load_recipe(run / "recipe.yaml").train.epochs == 4
 
 
-def test_early_stopping_triggers(demo_data, tmp_path):
+def test_early_stopping_triggers(demo_data, tmp_path, tiny_recipe):
     # an lr too small to learn: only BatchNorm statistics move, so the best epoch comes early
     recipe = tiny_recipe(train__epochs=8, train__early_stopping_patience=2, optim__lr=1e-12, train__ema_decay=None)
     lines = []
@@ -77,20 +75,20 @@ def test_early_stopping_triggers(demo_data, tmp_path):
     assert any(line.startswith("early stopping: no better validation accuracy for 2 epochs") for line in lines)
 
 
-def test_nan_loss_stops_with_a_clear_message(demo_data, tmp_path):
+def test_nan_loss_stops_with_a_clear_message(demo_data, tmp_path, quiet, tiny_recipe):
     recipe = tiny_recipe(optim__lr=1e30, train__ema_decay=None)
     with pytest.raises(KitError, match=r"training diverged: the loss became (nan|inf) in epoch \d; the last good checkpoint"):
         train(recipe, demo_data, tmp_path, "cpu", echo=quiet)
 
 
-def test_batch_larger_than_data_is_an_error(demo_data, tmp_path):
+def test_batch_larger_than_data_is_an_error(demo_data, tmp_path, quiet, tiny_recipe):
     with pytest.raises(KitError, match="larger than the 1197 training images"):
         train(tiny_recipe(train__batch_size=5000), demo_data, tmp_path, "cpu", echo=quiet)
 
 
 def _lr_per_epoch(recipe_name: str, updates_per_epoch: int = 3, **schedule) -> list[float]:
     """The lr of the first update of every epoch, from the LR table the engine reads."""
-    recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml")
+    recipe = load_recipe(RECIPES_DIR / f"{recipe_name}.yaml")
     spec = dataclasses.replace(recipe.schedule, **schedule)
     table = lr_table(spec, recipe.optim.lr, recipe.train.epochs, updates_per_epoch)
     assert len(table) == recipe.train.epochs * updates_per_epoch
@@ -174,19 +172,18 @@ def _reference_lrs(recipe, updates_per_epoch: int) -> list[float]:
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", recipe_files(), ids=lambda p: p.stem)
 def test_lr_table_matches_the_scheduler_at_every_update(path):  # the reference steps a stand-in optimizer's scheduler
     recipe = load_recipe(path)
     table = lr_table(recipe.schedule, recipe.optim.lr, recipe.train.epochs, 7)
     assert table.tolist() == pytest.approx(_reference_lrs(recipe, 7), rel=1e-9, abs=1e-15)
 
 
-def test_eager_step_equals_a_plain_training_loop(demo_data):
+def test_eager_update_equals_a_plain_training_loop(demo_data, quiet, tiny_recipe):
     """The Trainer's update (fused optimizer, LR written on the device from the table), against the loop written
     out by hand in the usual order, on the same streams."""
-    from kit.data import load_dataset
-    from kit.engine import build_trainer
-    from kit.optim import clip_gradients
+    from kit.data.datasets import load_dataset
+    from kit.training.engine import build_trainer
     recipe = tiny_recipe(optim__grad_clip=1.0, train__label_smoothing=0.1)
     dataset = load_dataset(recipe.data, demo_data)
     ours = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)
@@ -200,7 +197,7 @@ def test_eager_step_equals_a_plain_training_loop(demo_data):
         inputs, targets = ref.augment(ref.data.images[index], ref.data.labels[index], ref.aug_gen)
         ref.optimizer.zero_grad()
         loss_fn(ref.model(inputs), targets).backward()
-        clip_gradients(ref.model, recipe.optim)
+        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), 1.0)
         for group in ref.optimizer.param_groups:  # fused optimizers read their LR from a tensor
             group["lr"].fill_(float(ref.lr.table[update]))
         ref.optimizer.step()
@@ -212,7 +209,7 @@ def test_eager_step_equals_a_plain_training_loop(demo_data):
 
 
 def test_better_weights_is_one_rule_for_numbers_and_columns():
-    from kit.checkpoint import better_weights
+    from kit.inference.checkpoint import better_weights
     assert better_weights(0.5, 0.6) == (0.6, "ema") and better_weights(0.6, 0.6) == (0.6, "raw")
     assert better_weights(0.5, float("nan")) == (0.5, "raw")  # no EMA
     metrics = pd.DataFrame({"val_acc": [0.5, 0.7, 0.4], "ema_val_acc": [0.6, 0.6, float("nan")]})
@@ -220,23 +217,24 @@ def test_better_weights_is_one_rule_for_numbers_and_columns():
     assert list(scores) == [0.6, 0.7, 0.4] and list(sources) == ["ema", "raw", "raw"]
 
 
-def test_weights_from_best_on_last_pt_is_that_epochs_better_weights(trained_run):
-    from kit.checkpoint import better_weights, checkpoint_from_payload, read_payload
+def test_weights_from_better_on_last_pt_is_that_epochs_better_weights(trained_run):
+    from kit.inference.checkpoint import better_weights, checkpoint_from_payload, read_payload
     payload = read_payload(trained_run / "last.pt")
     last = pd.read_csv(trained_run / "metrics.csv").iloc[-1]
     assert payload["weights_from"] == better_weights(last.val_acc, last.ema_val_acc)[1]
     best = read_payload(trained_run / "best.pt")
     assert best["weights_from"] == best["best_weights_from"]  # best.pt: its epoch is the best epoch
     payload.update(weights_from="raw", best_weights_from="ema")  # the last epoch's choice differs from the best epoch's
-    assert checkpoint_from_payload(payload, trained_run / "last.pt", "best", torch.device("cpu")).weights_from == "raw"
+    assert checkpoint_from_payload(payload, trained_run / "last.pt", "better", torch.device("cpu")).weights_from == "raw"
     del payload["weights_from"]  # a checkpoint written before 0.3
-    assert checkpoint_from_payload(payload, trained_run / "last.pt", "best", torch.device("cpu")).weights_from == "ema"
+    assert checkpoint_from_payload(payload, trained_run / "last.pt", "better", torch.device("cpu")).weights_from == "ema"
+    assert checkpoint_from_payload(payload, trained_run / "last.pt", "best", torch.device("cpu")).weights_from == "ema"  # 0.4's name
 
 
-def test_a_trainer_state_round_trips(demo_data):
+def test_a_trainer_state_round_trips(demo_data, quiet, tiny_recipe):
     """Trainer.state_dict/load_state_dict: a second trainer loaded from the first continues identically."""
-    from kit.data import load_dataset
-    from kit.engine import build_trainer
+    from kit.data.datasets import load_dataset
+    from kit.training.engine import build_trainer
     recipe = tiny_recipe()
     dataset = load_dataset(recipe.data, demo_data)
     first, second = (build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet) for _ in range(2))

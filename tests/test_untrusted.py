@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_one_line_error, run
 
+from kit.data.formats import label_indices, read_npz, read_pixels
 from kit.errors import KitError
-from kit.formats import label_indices, read_npz, read_pixels
 from kit.recipe import DataSpec
 
 
@@ -36,7 +35,8 @@ def _hostile(path: Path, marker: Path, key: bytes = b"data") -> Path:
 
 # No pickle runs code.
 
-def test_a_pickle_that_would_run_code_is_refused_everywhere_it_is_read(trained_run, demo_data, tmp_path):
+def test_a_pickle_that_would_run_code_is_refused_everywhere_it_is_read(trained_run, demo_data, tmp_path, assert_one_line_error,
+                                                                       run):
     marker = tmp_path / "ran"
     evil = _hostile(tmp_path / "test.pkl", marker)
     code, out = run("predict", trained_run, "--test", evil, "--out", tmp_path / "s.csv", "--device", "cpu")
@@ -55,7 +55,7 @@ def test_a_pickle_that_would_run_code_is_refused_everywhere_it_is_read(trained_r
 
 
 def test_the_unpickler_reads_every_protocol_and_python2_batches_and_refuses_the_rest(tmp_path):
-    from kit.data import read_pickle
+    from kit.data.datasets import read_pickle
     data = {b"data": np.arange(24, dtype=np.uint8).reshape(2, 12), b"labels": [3, 4], b"batch_label": b"x", "f": 0.5,
             "s": {1, 2}, "n": np.float32(2.5), "o": np.array([b"a", None], dtype=object)}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
@@ -92,7 +92,7 @@ def _npz_set(root: Path, labels, classes=None, n_per_class: int = 6) -> Path:
     return root / "recipe.yaml"
 
 
-def test_the_head_is_the_datas_classes_and_another_number_is_one_line(tmp_path):
+def test_the_head_is_the_datas_classes_and_another_number_is_one_line(tmp_path, assert_one_line_error, run):
     recipe = _npz_set(tmp_path / "data", [0, 1, 2], classes=["ant", "bee", "cow"])
     code, out = run("train", recipe, "--runs", tmp_path / "wrong", "--device", "cpu", "--set", "model.num_classes=10")
     assert_one_line_error(code, out, "model.num_classes is 10 but the data has 3 classes")
@@ -111,7 +111,7 @@ def test_the_head_is_the_datas_classes_and_another_number_is_one_line(tmp_path):
         assert sub.Labels.between(0, 2).all() if "Labels" in sub else np.allclose(sub[["ant", "bee", "cow"]].sum(axis=1), 1, atol=1e-5)
 
 
-def test_a_checkpoint_whose_head_and_classes_disagree_is_refused(trained_run, demo_data, tmp_path):
+def test_a_checkpoint_whose_head_and_classes_disagree_is_refused(trained_run, demo_data, tmp_path, assert_one_line_error, run):
     """What kit 0.4 wrote for data of fewer classes than the recipe's 10: a 10-way head naming 3 classes."""
     payload = torch.load(trained_run / "best.pt", weights_only=True)
     payload["classes"] = ["a", "b", "c"]
@@ -125,7 +125,7 @@ def test_a_checkpoint_whose_head_and_classes_disagree_is_refused(trained_run, de
 # Numbers are checked where they enter.
 
 @pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1,-1", "0,0"])
-def test_blend_weights_must_be_finite_and_non_negative(weights, trained_run, demo_data, tmp_path):
+def test_blend_weights_must_be_finite_and_non_negative(weights, trained_run, demo_data, tmp_path, assert_one_line_error, run):
     code, out = run("predict", trained_run, trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", f"--blend={weights}",
                     "--out", tmp_path / "s.csv", "--device", "cpu")
     assert_one_line_error(code, out, f"--blend {weights}: need 2 non-negative weights (finite numbers)")
@@ -153,7 +153,7 @@ GOOD = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.7 + 0.1
     (dict(labels=[0, 1, 2, 0, 1, 2.5]), "'labels': label 2.5 (image 5) is not a class index"),
     (dict(labels=[0, 0, 1, 1, 2, 1]), "the class '2' has one labelled image, too few to split"),
 ])
-def test_probability_files_are_checked_where_they_enter(labelled, fragment, tmp_path):
+def test_probability_files_are_checked_where_they_enter(labelled, fragment, tmp_path, assert_one_line_error, run):
     arrays = {"probs": GOOD, "labels": [0, 1, 2, 0, 1, 2], **labelled}
     args = ["--labelled", _probs(tmp_path / "val.npz", arrays["probs"], arrays["labels"]),
             "--unlabelled", _probs(tmp_path / "test.npz", GOOD[:4]), "--out", tmp_path / "sub.csv"]
@@ -162,7 +162,7 @@ def test_probability_files_are_checked_where_they_enter(labelled, fragment, tmp_
     assert not (tmp_path / "sub.csv").exists()
 
 
-def test_a_names_template_needs_the_class_names(tmp_path):
+def test_a_names_template_needs_the_class_names(tmp_path, assert_one_line_error, run):
     template = tmp_path / "sample.csv"
     template.write_text("id,label\n0,cat\n1,cat\n2,cat\n3,cat\n")
     args = ["--labelled", _probs(tmp_path / "val.npz", GOOD, [0, 1, 2, 0, 1, 2]), "--unlabelled", _probs(tmp_path / "t.npz", GOOD[:4]),
@@ -195,7 +195,7 @@ def test_float_labels_that_are_whole_are_indices_and_others_are_refused(tmp_path
 def test_ids_that_read_as_one_id_are_refused_naming_both(tmp_path):
     from PIL import Image
 
-    from kit.data import read_test_set
+    from kit.data.datasets import read_test_set
     (tmp_path / "test").mkdir()
     for name in ("1.png", "001.png", "2.png"):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "test" / name)
@@ -210,7 +210,7 @@ def test_ids_that_read_as_one_id_are_refused_naming_both(tmp_path):
 def test_empty_label_cells_and_empty_class_folders_are_refused(tmp_path):
     from PIL import Image
 
-    from kit.formats import read_class_folders
+    from kit.data.formats import read_class_folders
     with pytest.raises(KitError, match=r"^t.csv: row 3: the label is empty \(1 empty label\)$"):
         label_indices(["cat", " ", "dog"], None, Path("t.csv"), ["row 2", "row 3", "row 4"])
     for name in ("cat", "dog"):
@@ -220,7 +220,8 @@ def test_empty_label_cells_and_empty_class_folders_are_refused(tmp_path):
         read_class_folders(tmp_path / "train", 8, 3)
 
 
-def test_check_submission_checks_names_against_the_classes_or_says_it_could_not(trained_run, tmp_path):
+def test_check_submission_checks_names_against_the_classes_or_says_it_could_not(trained_run, tmp_path, assert_one_line_error,
+                                                                                run):
     template = tmp_path / "sample.csv"
     template.write_text("id,label\n1,cat\n2,cat\n")
     (tmp_path / "sub.csv").write_text("id,label\n1,3\n2,banana\n")
@@ -243,7 +244,7 @@ def _png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_inputs_that_raised_a_traceback_are_one_line(trained_run, tmp_path):
+def test_inputs_that_raised_a_traceback_are_one_line(trained_run, tmp_path, assert_one_line_error, run):
     (tmp_path / "test").mkdir()
     _png_header(tmp_path / "test" / "1.png", 20000, 20000)
     code, out = run("predict", trained_run, "--test", tmp_path / "test", "--out", tmp_path / "s.csv", "--device", "cpu")

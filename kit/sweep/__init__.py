@@ -18,7 +18,7 @@ import yaml
 from kit.device import worker_devices
 from kit.io import write_text
 from kit.sweep.plan import check_same_plan, make_plan, parse_grid, read_space
-from kit.sweep.queue import Sweep, work, work_in_child
+from kit.sweep.queue import Sweep, work
 from kit.sweep.results import write_results
 
 __all__ = ["parse_grid", "read_space", "sweep"]
@@ -52,8 +52,16 @@ def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str,
         for w in workers:
             w.join()
     else:
-        work(job, echo, opened)
+        work(job, write_results, echo, opened)
     table = write_results(job, opened[0])
     echo(table.drop(columns=["run_dir"]).to_string(index=False))
     echo(f"results: {folder / 'results.md'}")
     return table
+
+
+def work_in_child(sweep: Sweep, threads: int, device: str | None = None) -> None:
+    from kit.device import pin_device
+    pin_device(device)  # before torch starts CUDA: this worker's trials run on that GPU alone
+    import torch
+    torch.set_num_threads(threads)  # N trials share the CPU cores (on CUDA they share the GPU)
+    work(sweep, write_results)

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from kit.checkpoint import better_weights
 from kit.errors import KitError
+from kit.inference.checkpoint import better_weights
 from kit.recipe import load_recipe
 from kit.sweep.plan import SweepPlan, overrides_of, suggest
 
@@ -163,7 +163,7 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     """Train (or resume) one trial's run directory, reporting each epoch; returns a line on how it ended."""
     import optuna
 
-    from kit.train import resume, train
+    from kit.training.run import resume, train
     params = suggest(trial, sweep.plan.space, sweep.plan.grid)
     overrides = list(sweep.plan.overrides) + overrides_of(params)
     run_dir = sweep.trial_dir(trial.number)
@@ -173,7 +173,7 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     say = lambda line: echo(f"[trial {trial.number}] {line}")  # noqa: E731
 
     def report(run) -> None:
-        if "parameters" not in trial.user_attrs:  # counted once, by the session that built the model
+        if "parameters" not in trial.user_attrs:  # counted once, by the process that built the model
             trial.set_user_attr("parameters", run.trainer.num_params)
         row = run.metrics.iloc[-1]
         trial.report(better_weights(row.val_acc, row.ema_val_acc)[0], step=int(row.epoch))
@@ -205,22 +205,15 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     return f"complete: best validation accuracy {value:.2%}"
 
 
-def work(sweep: Sweep, echo: Callable[[str], None] = print, opened: tuple | None = None) -> int:
-    """Take and run trials until none is left; returns how many this worker ran."""
-    from kit.sweep.results import write_results
+def work(sweep: Sweep, after_trial: Callable[[Sweep, object], object], echo: Callable[[str], None] = print,
+         opened: tuple | None = None) -> int:
+    """Take and run trials until none is left, calling `after_trial(sweep, study)` after each (the results table);
+    returns how many this worker ran."""
     study, storage = opened or sweep.open_study()
     done = 0
     while (trial := _take(sweep, study, storage)) is not None:
         state = run_trial(sweep, study, trial, echo)
         done += 1
-        write_results(sweep, study)
+        after_trial(sweep, study)
         echo(f"[trial {trial.number}] {state}")
     return done
-
-
-def work_in_child(sweep: Sweep, threads: int, device: str | None = None) -> None:
-    from kit.device import pin_device
-    pin_device(device)  # before torch starts CUDA: this worker's trials run on that GPU alone
-    import torch
-    torch.set_num_threads(threads)  # N trials share the CPU cores (on CUDA they share the GPU)
-    work(sweep)

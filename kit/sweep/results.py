@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit.checkpoint import better_weights
-from kit.ensemble import COMPLETED_RUNS
+from kit.inference.checkpoint import better_weights
+from kit.inference.ensemble import COMPLETED_RUNS
 from kit.io import write_text
 from kit.sweep.queue import Sweep
 
@@ -29,7 +29,7 @@ def results_table(sweep: Sweep, study) -> pd.DataFrame:
 
 def write_results(sweep: Sweep, study) -> pd.DataFrame:
     """results.csv, results.md (best trial named) and curves.png in the sweep folder, written atomically."""
-    from kit.plots import plot_sweep
+    from kit.inference.plots import plot_sweep
     table = results_table(sweep, study)
     write_text(sweep.folder / "results.csv", table.to_csv(index=False))
     write_text(sweep.folder / "results.md", _markdown(table, sweep))

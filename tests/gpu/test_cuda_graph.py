@@ -12,13 +12,13 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, quiet, tiny_recipe
 
-from kit.data import load_dataset
-from kit.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
-from kit.hazards import find_hazards
+from kit.cli import RECIPES_DIR
+from kit.data.datasets import load_dataset
 from kit.recipe import load_recipe
-from kit.train import resume, train
+from kit.training.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
+from kit.training.hazards import find_hazards
+from kit.training.run import resume, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -27,13 +27,16 @@ UPDATES = 6  # after the warm-up: the first replays
 TIMING = ["seconds", "images_per_s"]
 
 
-def _trainer(name: str, demo_data, capture: bool, compile_mode: str = "none", precision: str = "auto"):
-    """The recipe at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
-    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test",
-                                                               "train.batch_size=64", f"train.precision={precision}"))
-    trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
-    trainer.capture = capture and trainer.capture
-    return trainer
+@pytest.fixture
+def make_trainer(demo_data, quiet):
+    """The recipe `name` at full width on the demo images (CIFAR-10's shape), its precision, captured or eager."""
+    def make(name: str, capture: bool, compile_mode: str = "none", precision: str = "auto"):
+        recipe = load_recipe(RECIPES_DIR / f"{name}.yaml", (f"train.compile={compile_mode}", "data.validation=test",
+                                                            "train.batch_size=64", f"train.precision={precision}"))
+        trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), torch.device("cuda"), echo=quiet)
+        trainer.capture = capture and trainer.capture
+        return trainer
+    return make
 
 
 def _updates(trainer, n: int) -> None:
@@ -42,8 +45,8 @@ def _updates(trainer, n: int) -> None:
 
 
 @pytest.mark.parametrize("name", CIFAR10_RECIPES)
-def test_replay_equals_eager(name, demo_data):
-    captured, eager = _trainer(name, demo_data, capture=True), _trainer(name, demo_data, capture=False)
+def test_replay_equals_eager(name, demo_data, make_trainer):
+    captured, eager = make_trainer(name, capture=True), make_trainer(name, capture=False)
     assert captured.capture, f"{name}: the update is not captured"
     for trainer in (captured, eager):
         _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + UPDATES)
@@ -60,8 +63,8 @@ def test_replay_equals_eager(name, demo_data):
 
 
 @pytest.mark.parametrize("name", ["kit_fast", "kit_best"])
-def test_compiled_replay_equals_eager(name, demo_data):
-    captured, eager = _trainer(name, demo_data, True, "default"), _trainer(name, demo_data, False, "default")
+def test_compiled_replay_equals_eager(name, demo_data, make_trainer):
+    captured, eager = make_trainer(name, True, "default"), make_trainer(name, False, "default")
     assert captured.capture, f"{name}: the compiled update is not captured"
     for trainer in (captured, eager):
         _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + 2)
@@ -71,9 +74,9 @@ def test_compiled_replay_equals_eager(name, demo_data):
 
 
 @pytest.mark.parametrize("name", ["kit_fast", "preact_gelu"])  # SGD and Adam
-def test_fp16_captured_update_equals_eager(name, demo_data):
+def test_fp16_captured_update_equals_eager(name, demo_data, make_trainer):
     """fp16 with dynamic loss scaling inside the graph: the scaler's tensors on the device, same result as eager."""
-    captured, eager = _trainer(name, demo_data, True, precision="fp16"), _trainer(name, demo_data, False, precision="fp16")
+    captured, eager = make_trainer(name, True, precision="fp16"), make_trainer(name, False, precision="fp16")
     assert captured.capture and captured.scaler is not None
     for trainer in (captured, eager):
         _updates(trainer, EAGER_UPDATES_BEFORE_CAPTURE + UPDATES)
@@ -85,9 +88,9 @@ def test_fp16_captured_update_equals_eager(name, demo_data):
 
 
 @pytest.mark.parametrize("name", CIFAR10_RECIPES)
-def test_no_sync_and_no_hazard_after_the_eager_updates(name, demo_data):
-    trainer = _trainer(name, demo_data, capture=True)
-    checked = _trainer(name, demo_data, capture=False)
+def test_no_sync_and_no_hazard_after_the_eager_updates(name, demo_data, make_trainer):
+    trainer = make_trainer(name, capture=True)
+    checked = make_trainer(name, capture=False)
     _updates(checked, EAGER_UPDATES_BEFORE_CAPTURE)
     hazards = find_hazards(checked.update)
     assert not hazards, "\n".join(map(str, hazards))
@@ -96,7 +99,7 @@ def test_no_sync_and_no_hazard_after_the_eager_updates(name, demo_data):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(UPDATES):
-            trainer.run_update()
+            trainer.next_update()()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -107,7 +110,7 @@ def _metrics(run) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv").drop(columns=TIMING)
 
 
-def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path):
+def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path, quiet, tiny_recipe, stop_after_first_epoch):
     recipe = tiny_recipe(train__deterministic=True)
     graphs = []  # each epoch: was the update a replayed graph? (a silent fall-back to eager would compare eager with eager)
 
@@ -116,13 +119,9 @@ def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path):
 
     whole = train(recipe, demo_data, tmp_path / "whole", "cuda", on_epoch_end=record, echo=quiet)
 
-    def stop_after_first(run):
-        record(run)
-        if run.epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, demo_data, tmp_path / "stopped", "cuda", on_epoch_end=stop_after_first, echo=quiet)
+        train(recipe, demo_data, tmp_path / "stopped", "cuda", echo=quiet,
+              on_epoch_end=lambda run: (record(run), stop_after_first_epoch(run)))
     (stopped,) = (tmp_path / "stopped").iterdir()
     resume(stopped, device="cuda", on_epoch_end=record, echo=quiet)
     assert graphs == [True] * (2 * recipe.train.epochs), graphs
@@ -132,16 +131,12 @@ def test_a_captured_run_resumes_bit_exactly(demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
-def test_an_adam_run_moves_between_devices(first, then, demo_data, tmp_path):
+def test_an_adam_run_moves_between_devices(first, then, demo_data, tmp_path, quiet, tiny_recipe, stop_after_first_epoch):
     recipe = dataclasses.replace(tiny_recipe(), name="adam-moves")  # the demo recipe trains with Adam
     assert recipe.optim.name == "adam"
 
-    def stop_after_first(run):
-        if run.epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, demo_data, tmp_path, first, on_epoch_end=stop_after_first, echo=quiet)
+        train(recipe, demo_data, tmp_path, first, on_epoch_end=stop_after_first_epoch, echo=quiet)
     (run,) = tmp_path.iterdir()
     seen = {}
 

@@ -1,0 +1,1 @@
+"""Inference and submissions: checkpoints, probabilities, ensembles, TTA, adaptation, blends, reports."""

@@ -1,0 +1,199 @@
+"""Choosing an ensemble's blend weights, and `kit blend`: an ensemble built from saved probabilities alone.
+
+`kit evaluate --probs-out` saves each checkpoint's probabilities on labelled images, `kit predict` saves them on the
+unlabelled test set (SUBMISSION.probs.npz); other software's files blend too (an .npz with an (N, K) `probs` array,
+`ids`, and `labels` on the labelled side). `kit blend` chooses the weights on the labelled probabilities (greedy
+selection, Caruana et al. 2004, on a stratified share of the images; the figures are on the rest) and writes the
+submission from the unlabelled ones: on the CPU, in seconds, with no checkpoint at hand."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kit.data.formats import class_indices, id_key, read_arrays
+from kit.errors import KitError
+from kit.inference.ensemble import ensemble_probs
+from kit.inference.scores import topk
+from kit.inference.submission import (
+    PROB_TOLERANCE,
+    SubmissionFormat,
+    format_from_template,
+    submission_table,
+    template_order,
+    write_probs,
+    write_submission,
+)
+
+
+def greedy_selection(probs: list[torch.Tensor], labels: torch.Tensor, rounds: int) -> list[float]:
+    """Caruana et al. (2004): repeatedly add (with replacement) the member that most improves the ensemble's
+    accuracy (ties: lower log-loss); keep the best prefix. Returns one blend weight per member."""
+    counts, best_counts, best_score = [0] * len(probs), None, None
+    total = torch.zeros_like(probs[0])
+    for _ in range(rounds):
+        n = sum(counts) + 1
+        scores = []
+        for p in probs:
+            mix = (total + p) / n
+            nll = torch.nn.functional.nll_loss(mix.clamp_min(1e-12).log(), labels).item()
+            scores.append(((mix.argmax(1) == labels).float().mean().item(), -nll))
+        pick = max(range(len(probs)), key=lambda i: scores[i])
+        counts[pick] += 1
+        total += probs[pick]
+        if best_score is None or scores[pick] > best_score:
+            best_score, best_counts = scores[pick], list(counts)
+    return [c / sum(best_counts) for c in best_counts]
+
+
+def selection_halves(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choose, report) index sets: a stratified `fraction` of the images to choose the blend on, the rest to report on."""
+    from sklearn.model_selection import train_test_split
+    index = torch.arange(len(labels)).numpy()
+    choose, report = train_test_split(index, train_size=fraction, random_state=seed, stratify=labels.numpy())
+    return torch.from_numpy(choose).sort().values, torch.from_numpy(report).sort().values
+
+
+@dataclass
+class ProbFile:
+    path: Path
+    ids: np.ndarray
+    member_probs: torch.Tensor  # (M, N, K)
+    members: list[str]
+    classes: list[str] | None
+    labels: torch.Tensor | None
+
+
+def read_probs(path: str | Path, labelled: bool) -> ProbFile:
+    """A probability file: kit's (`member_probs`, `members`, `classes`, `labels`) or another program's (`probs`
+    (N, K) and `ids`, plus `labels` when labelled)."""
+    path = Path(path)
+    found = read_arrays(path)
+    if "member_probs" in found:
+        probs = found["member_probs"]
+    elif "probs" in found:
+        probs = found["probs"][None]
+    else:
+        raise KitError(f"{path}: no 'probs' (N, K) or 'member_probs' (M, N, K) array (arrays: {', '.join(found)})")
+    if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating) or 0 in probs.shape:
+        raise KitError(f"{path}: the probabilities must be floats of shape (N, K); got {probs.dtype} {probs.shape[1:]}")
+    check_probabilities(path, probs)
+    n = probs.shape[1]
+    ids = found["ids"].reshape(-1) if "ids" in found else np.arange(n)
+    labels = found.get("labels")
+    if labelled and labels is None:
+        raise KitError(f"{path}: no 'labels' array: the labelled side of kit blend needs each image's class index "
+                       f"(kit evaluate --probs-out writes one)")
+    for name, array in (("ids", ids), ("labels", labels)):
+        if array is not None and len(array) != n:
+            raise KitError(f"{path}: {n} rows of probabilities but {len(array)} {name}")
+    if labels is not None:
+        labels = class_indices(path, labels.reshape(-1), "labels")
+        if labels.max(initial=0) >= probs.shape[2]:
+            i = int(np.argmax(labels >= probs.shape[2]))
+            raise KitError(f"{path}: label {labels[i]} (row {i}) is outside its {probs.shape[2]} classes 0..{probs.shape[2] - 1}")
+    members = [str(m) for m in found["members"]] if "members" in found else [path.stem] * len(probs)
+    if len(probs) > 1 and members == [path.stem] * len(probs):
+        members = [f"{path.stem}[{i}]" for i in range(len(probs))]
+    classes = [str(c) for c in found["classes"]] if "classes" in found else None
+    if classes is not None and len(classes) != probs.shape[2]:
+        raise KitError(f"{path}: {len(classes)} class names but {probs.shape[2]} probability columns")
+    return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
+                    None if labels is None else torch.from_numpy(labels))
+
+
+def check_probabilities(path: Path, probs: np.ndarray) -> None:
+    """(M, N, K) class probabilities, checked where they enter: finite, in [0, 1], each row summing to 1. Log-
+    probabilities and logits (what a log-loss or a model's last layer gives) are named as such."""
+    if not np.isfinite(probs).all():
+        m, i, _ = np.argwhere(~np.isfinite(probs))[0]
+        raise KitError(f"{path}: row {i}{_member(probs, m)} holds {probs[m, i][~np.isfinite(probs[m, i])][0]}, not a probability")
+    sums = probs.sum(-1, dtype=np.float64)
+    inside = (probs >= 0).all() and (probs <= 1).all()
+    if inside and (np.abs(sums - 1) <= PROB_TOLERANCE).all():
+        return
+    if (probs <= 0).all() and (np.abs(np.exp(probs.astype(np.float64)).sum(-1) - 1) <= PROB_TOLERANCE).all():
+        raise KitError(f"{path}: these look like log-probabilities (every value <= 0, their exponentials sum to 1 on "
+                       f"each row); save the probabilities themselves (np.exp of these)")
+    if not inside:
+        raise KitError(f"{path}: values from {probs.min():.4g} to {probs.max():.4g} are not probabilities in [0, 1] "
+                       f"(logits? save their softmax)")
+    m, i = np.argwhere(np.abs(sums - 1) > PROB_TOLERANCE)[0]
+    raise KitError(f"{path}: row {i}{_member(probs, m)}: the class probabilities sum to {sums[m, i]:.4f}, not 1")
+
+
+def _member(probs: np.ndarray, m: int) -> str:
+    return f" of member {m}" if len(probs) > 1 else ""
+
+
+def _members(files: list[ProbFile], side: str) -> tuple[torch.Tensor, list[str], ProbFile]:
+    """Every member's (N, K) probabilities on one side, aligned on the first file's ids; the files must agree."""
+    first = files[0]
+    keys = [id_key(i) for i in first.ids]
+    out = []
+    for f in files:
+        if f.classes is not None and first.classes is not None and f.classes != first.classes:
+            raise KitError(f"{f.path}: its classes ({', '.join(f.classes[:3])}, ...) differ from {first.path}'s")
+        if f.member_probs.shape[2] != first.member_probs.shape[2]:
+            raise KitError(f"{f.path}: {f.member_probs.shape[2]} classes but {first.path} has {first.member_probs.shape[2]}")
+        position = {id_key(i): n for n, i in enumerate(f.ids)}
+        if sorted(position) != sorted(keys) or len(position) != len(keys):
+            missing = sorted(set(keys) - set(position)) or sorted(set(position) - set(keys)) or ["(a duplicate)"]
+            raise KitError(f"{f.path}: its ids differ from {first.path}'s on the {side} side (e.g. {missing[0]})")
+        order = torch.tensor([position[k] for k in keys])
+        if f.labels is not None and first.labels is not None and not torch.equal(f.labels[order], first.labels):
+            raise KitError(f"{f.path}: its labels differ from {first.path}'s for the same ids")
+        out.append(f.member_probs[:, order])
+    return torch.cat(out), [m for f in files for m in f.members], first
+
+
+def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20, select_on: float = 0.5,
+          template: str | None = None, fmt: SubmissionFormat | None = None, given_classes: list[str] | None = None,
+          echo: Callable[[str], None] = print) -> Path:
+    """Choose the blend on the labelled files' members and write the submission (and its .probs.npz) from the
+    unlabelled files' members: the i-th member of one side is the i-th of the other."""
+    if not labelled or not unlabelled:
+        raise KitError("kit blend needs --labelled and --unlabelled probability files")
+    scored, names, first = _members([read_probs(p, True) for p in labelled], "labelled")
+    test, test_names, test_first = _members([read_probs(p, False) for p in unlabelled], "unlabelled")
+    if len(test) != len(scored):
+        raise KitError(f"{len(scored)} members on the labelled side ({', '.join(labelled)}) but {len(test)} on the "
+                       f"unlabelled side ({', '.join(unlabelled)}): give each model's files in the same order")
+    if test.shape[2] != scored.shape[2]:
+        raise KitError(f"{unlabelled[0]}: {test.shape[2]} classes but {labelled[0]} has {scored.shape[2]}")
+    known = first.classes or test_first.classes or given_classes
+    classes = known or [str(i) for i in range(scored.shape[2])]
+    if given_classes and len(given_classes) != scored.shape[2]:
+        raise KitError(f"--classes names {len(given_classes)} classes but the probability files have {scored.shape[2]}")
+    fmt = format_from_template(template, classes) if template else fmt or SubmissionFormat()
+    if fmt.style == "name" and not known:
+        raise KitError(f"{labelled[0]}: the probability files carry no class names (a 'classes' array), so the "
+                       f"submission's class names are unknown; give --classes A,B,...")
+    template_order(fmt, test_first.ids, unlabelled[0])  # the template's ids, checked before anything is written
+    labels = first.labels
+    choose = report = torch.arange(len(labels))
+    if select_on < 1:
+        counts = torch.bincount(labels)
+        if ((counts > 0) & (counts < 2)).any():
+            lonely = int(torch.nonzero((counts > 0) & (counts < 2))[0])
+            raise KitError(f"{labelled[0]}: the class {classes[lonely]!r} has one labelled image, too few to split between "
+                           f"choosing the blend and scoring it (--select-on {select_on:g}); use --select-on 1")
+        choose, report = selection_halves(labels, select_on)
+    weights = greedy_selection(list(scored[:, choose]), labels[choose], rounds)
+    rows = [{"member": m, "top1": topk(p[report], labels[report], 1)} for m, p in zip(names, scored)]
+    rows.append({"member": "mean", "top1": topk(ensemble_probs(list(scored[:, report])), labels[report], 1)})
+    rows.append({"member": "selected", "top1": topk(ensemble_probs(list(scored[:, report]), weights), labels[report], 1)})
+    where = (f"chosen on {len(choose):,} labelled images; accuracy on the other {len(report):,}" if select_on < 1
+             else f"chosen and scored on the same {len(report):,} labelled images (--select-on 1)")
+    echo(f"blend {where}")
+    echo(pd.DataFrame(rows).to_string(index=False, formatters={"top1": "{:.2%}".format}))
+    echo("weights: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, weights) if w > 0))
+    probs = ensemble_probs(list(test), weights)
+    write_submission(submission_table(fmt, test_first.ids, probs.numpy(), classes, unlabelled[0]), out)
+    write_probs(Path(out).with_suffix(".probs.npz"), test_first.ids, probs.numpy(), classes, test_names, test.numpy(),
+                blend=weights)
+    echo(f"submission: {out} ({len(test_first.ids):,} rows, {len(test)} members blended)")
+    return Path(out)

@@ -1,0 +1,102 @@
+"""Figures: training curves and confusion matrices (matplotlib, no display needed)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kit.inference.checkpoint import better_weights  # noqa: E402
+from kit.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(metrics: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Loss, accuracy (raw and EMA) and learning rate per epoch."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(metrics.epoch, metrics.train_loss, label="train")
+    axes[0].plot(metrics.epoch, metrics.val_loss, label="validation")
+    axes[0].set_title("loss")
+    axes[1].plot(metrics.epoch, metrics.train_acc * 100, label="train")
+    axes[1].plot(metrics.epoch, metrics.val_acc * 100, label="validation")
+    if metrics.ema_val_acc.notna().any():
+        axes[1].plot(metrics.epoch, metrics.ema_val_acc * 100, label="validation (EMA)")
+    axes[1].set_title("accuracy (%)")
+    axes[2].plot(metrics.epoch, metrics.lr)
+    axes[2].set_title("learning rate")
+    axes[2].set_yscale("log" if (metrics.lr > 0).all() else "linear")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """Confusion matrix with class names on both axes and counts in the cells (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+    size = max(5, 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    display = ConfusionMatrixDisplay(matrix, display_labels=classes)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=60, include_values=len(classes) <= 20,
+                 text_kw={"fontsize": 7})
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sweep(curves: dict, path: Path, title: str = "") -> None:
+    """Validation accuracy (the better of raw and EMA) per epoch, one line per trial; pruned and failed trials dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for trial, (metrics, state) in sorted(curves.items()):
+        acc = better_weights(metrics.val_acc, metrics.ema_val_acc)[0] * 100
+        ax.plot(metrics.epoch, acc, linestyle="-" if state in ("COMPLETE", "RUNNING") else "--", marker=".",
+                label=f"trial {trial} ({state.lower()})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
+    """Accuracy against severity, one panel per corruption: each checkpoint as trained (solid) and with its BatchNorm
+    statistics re-estimated on the corrupted images (dashed); severity 0 is the clean images."""
+    clean = table[table.severity == 0]
+    names = [c for c in table.corruption.unique() if c != "clean"]
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        for checkpoint, rows_of in table[table.corruption == name].groupby("checkpoint", sort=False):
+            start = clean[clean.checkpoint == checkpoint]
+            part = pd.concat([start, rows_of]).sort_values("severity")
+            line = ax.plot(part.severity, part.top1 * 100, marker=".", label=f"{checkpoint}")[0]
+            if part.top1_adapted.notna().any():
+                ax.plot(part.severity, part.top1_adapted * 100, marker=".", linestyle="--", color=line.get_color(),
+                        label=f"{checkpoint} + adapt-bn")
+        ax.set_title(name)
+        ax.set_xlabel("severity")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("top-1 (%)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -1,0 +1,346 @@
+"""Wiring a run: recipe -> data + trainer -> epochs -> run directory (recipe.yaml, metrics.csv,
+best.pt, last.pt, curves.png). One path trains a new run or continues one from last.pt, bit-exactly (`train`
+and `resume` differ only in where they start). Under torchrun every rank trains its slice of each batch;
+rank 0 evaluates, writes and prints.
+
+Nothing is lost at any moment. One save is one commit: metrics.csv and curves.png first, then best.pt when
+this epoch is the best, then last.pt, which also holds the metrics history; a resume rewrites metrics.csv and
+the curves from last.pt, so a file written ahead of last.pt never survives as history. A run directory without
+a checkpoint resumes from the start. SIGTERM and SIGINT stop at the next update boundary, save the position
+inside the epoch to last.pt, and exit 143 or 130; the resumed run continues from that update."""
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from kit.data.datasets import Dataset, load_dataset
+from kit.device import choose_precision, deterministic
+from kit.errors import KitError
+from kit.faults import Stopped, StopRequest, fault_point
+from kit.inference.checkpoint import better_weights, read_payload, save_checkpoint
+from kit.inference.plots import plot_curves
+from kit.inference.scores import predict_probs, probs_loss_acc
+from kit.io import write_text
+from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_num_classes
+from kit.training import distributed
+from kit.training.distill import resolve_teachers
+from kit.training.distributed import Ranks
+from kit.training.engine import EpochResult, Trainer, build_trainer
+from kit.training.tensorboard import EpochLog
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s",
+                  "skipped_updates"]  # skipped_updates: fp16 updates the loss scaler skipped (a non-finite gradient)
+
+
+def new_run_dir(out_root: str | Path, name: str, stamp: str | None = None) -> Path:
+    """runs/<recipe>-<YYYYmmdd-HHMMSS>, or with the next free suffix: claimed by creating it, so runs started in
+    the same second (one per GPU) each get their own."""
+    base = Path(out_root) / f"{name}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    run, n = base, 1
+    while True:
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            run, n = base.with_name(f"{base.name}-{n}"), n + 1
+
+
+def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
+    """The recipe with its data root made absolute (and replaced if given), as the run will save it."""
+    root = Path(data_root or recipe.data.root).resolve()
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=str(root)))
+
+
+class Run:
+    """One run directory being trained (by this process, one of `ranks`): the trainer, the images it is
+    validated on, the normalization, the metrics history and which epoch is best."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, trainer: Trainer, dataset: Dataset, echo: Callable[[str], None],
+                 ranks: Ranks = Ranks()):
+        self.recipe, self.dir, self.trainer, self.classes, self.ranks = recipe, run_dir, trainer, dataset.classes, ranks
+        device = trainer.prec.device
+        self.held_out = dataset.held_out.to(device)  # the validation images
+        self.mean, self.std = torch.tensor(dataset.mean, device=device), torch.tensor(dataset.std, device=device)
+        self.echo = echo if ranks.main else silent
+        self.epoch = 0  # epochs completed
+        self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
+        self.weights_from = "raw"  # the better of raw and EMA at the last completed epoch
+        self.metrics = pd.DataFrame()
+        self.log: EpochLog | None = None
+        self.stop = StopRequest()
+
+    @property
+    def in_epoch(self) -> int:
+        """Updates done in the epoch in progress (non-zero only when a signal stopped it), from the Trainer's count."""
+        return self.trainer.num_updates - self.epoch * self.trainer.updates_per_epoch
+
+    def payload(self) -> dict:
+        """The checkpoint: the trainer's state and the run's (collective under torchrun: every rank's
+        augmentation stream is gathered)."""
+        t = self.trainer
+        state = t.state_dict()
+        return {**state, "epoch": self.epoch, "planned_epochs": self.recipe.train.epochs, "recipe": recipe_as_dict(self.recipe),
+                "classes": self.classes, "num_params": t.num_params, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_weights_from": self.best_weights_from,
+                "weights_from": self.weights_from, "world_size": self.ranks.world_size, "in_epoch": self.in_epoch,
+                "metrics": self.metrics.to_dict("records")}
+
+    def restore(self, payload: dict) -> None:
+        """Continue from a last.pt, also one saved on another device (the tensors were mapped to the CPU on reading)."""
+        t = self.trainer
+        if self.recipe.schedule.name == "onecycle" and payload["planned_epochs"] != self.recipe.train.epochs:
+            raise KitError(f"a one-cycle schedule cannot be extended: the run was planned for {payload['planned_epochs']} epochs")
+        self.epoch = payload["epoch"]
+        self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
+        self.weights_from = payload.get("weights_from", self.best_weights_from)
+        if not t.load_state_dict(payload, self.epoch, payload["path"]):
+            saved = f"{payload['rng'].get('generator_device', '?')} with {len(payload['rng'].get('augment', []))} process(es)"
+            self.echo(f"note: the data streams were saved on {saved} and cannot continue on {t.order_gen.device.type} with "
+                      f"{self.ranks.world_size}: they restart from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
+        if "metrics" in payload:  # the history as last.pt recorded it
+            self.metrics = pd.DataFrame(payload["metrics"], columns=METRIC_COLUMNS)
+        else:  # a checkpoint written before 0.3
+            metrics = pd.read_csv(self.dir / "metrics.csv")
+            self.metrics = metrics[metrics.epoch <= self.epoch].reset_index(drop=True)
+        if self.ranks.main:  # a metrics.csv written ahead of last.pt loses its extra rows now
+            self.write_metrics()
+
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        if not len(self.held_out):  # data.validation: none
+            return float("nan"), float("nan")
+        probs = predict_probs(model, self.held_out.images, self.mean, self.std, [lambda x: x],
+                              self.recipe.predict.batch_size, self.trainer.prec)
+        return probs_loss_acc(probs, self.held_out.labels)
+
+    def record(self, lr: float, result: EpochResult) -> dict:
+        """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
+        metrics row, keep the best; returns the row."""
+        t = self.trainer
+        distributed.average_buffers(t.model, self.ranks)
+        distributed.average_buffers(t.ema_model, self.ranks)
+        scores = None
+        if self.ranks.main:
+            val_loss, val_acc = self.evaluate(t.model)
+            scores = (val_loss, val_acc, self.evaluate(t.ema_model)[1] if t.ema is not None else float("nan"))
+        val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
+        t.lr.after_epoch(self.epoch, val_acc)
+        row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
+               "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
+               "images_per_s": result.images / max(result.seconds, 1e-9), "skipped_updates": result.skipped}
+        new = pd.DataFrame([row], columns=METRIC_COLUMNS)
+        self.metrics = new if self.metrics.empty else pd.concat([self.metrics, new], ignore_index=True)
+        score, self.weights_from = better_weights(val_acc, ema_acc)
+        unscored = not len(self.held_out)  # data.validation: none
+        if unscored:  # the last epoch is the best, with its EMA weights when there are some
+            self.weights_from = "ema" if t.ema is not None else "raw"
+        if unscored or score > self.best_acc:
+            self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, self.weights_from
+        if self.log is not None:
+            self.log.write(row)
+        return row
+
+    def save(self) -> None:
+        """One commit: the derived files first, last.pt last (what it records is on disk beside it)."""
+        payload = self.payload()
+        if not self.ranks.main:
+            return
+        if self.in_epoch == 0:
+            self.write_metrics()
+            fault_point("saved:metrics.csv")
+            if self.best_epoch == self.epoch:
+                save_checkpoint(payload, self.dir / "best.pt")
+                fault_point("saved:best.pt")
+        save_checkpoint(payload, self.dir / "last.pt")
+        fault_point("saved:last.pt")
+
+    def write_metrics(self) -> None:
+        write_text(self.dir / "metrics.csv", self.metrics.to_csv(index=False))
+        plot_curves(self.metrics, self.dir / "curves.png", self.recipe.name)
+
+    def stop_asked(self) -> bool:
+        """Whether a signal asked this run to stop, on any rank (so that every rank stops at the same update)."""
+        return distributed.any_rank(bool(self.stop), self.ranks, self.trainer.prec.device)
+
+    def stopped(self, where: str) -> Stopped:
+        """What to raise once a signal arrived and last.pt holds where the run stands: how to go on."""
+        name = signal.Signals(self.stop.signum).name
+        return Stopped(self.stop.signum, f"stopped by {name} {where}; saved in {self.dir / 'last.pt'}: "
+                                         f"continue with kit train --resume {self.dir}")
+
+    def should_stop_early(self) -> bool:
+        patience = self.recipe.train.early_stopping_patience
+        return patience is not None and self.epoch - self.best_epoch >= patience
+
+    def fit(self, on_epoch_end: Callable[["Run"], None] | None = None) -> None:
+        """The run's loop, top to bottom: each epoch's updates (Trainer.update, or its CUDA graph's replay), then the
+        epoch scored, saved and printed. A signal stops it at the next update, its position saved in last.pt."""
+        t, spec = self.trainer, self.recipe.train
+        if spec.log == "tensorboard" and self.ranks.main:
+            self.log = EpochLog(self.dir, self.recipe.name, first_epoch=self.epoch + 1)
+        try:
+            with deterministic(spec.deterministic), self.stop.installed():
+                while self.epoch < spec.epochs:
+                    lr, planned, done, start = t.lr.at_epoch(self.epoch), t.updates_per_epoch, self.in_epoch, time.perf_counter()
+                    if done == 0:  # else: an epoch stopped by a signal goes on from its saved position
+                        t.start_epoch()
+                    with EpochProgress(self.epoch + 1, spec.epochs, planned, self.ranks.main) as progress:
+                        while done < planned:
+                            fault_point(f"update:{t.num_updates}")
+                            t.next_update()()  # kit/training/engine.py: Trainer.update (or its graph's replay)
+                            done += 1
+                            if progress is not None:
+                                progress(t.local_batch, t.loss_sum)
+                            if done < planned and self.stop_asked():
+                                break
+                    result = t.end_epoch(done, planned, time.perf_counter() - start)
+                    if not self.close_epoch(lr, result, on_epoch_end):
+                        break
+        finally:
+            if self.log is not None:
+                self.log.close()
+        if not distributed.parameters_agree(t.model, self.ranks):
+            raise KitError(f"{self.dir}: the {self.ranks.world_size} processes ended with different parameters")
+        if self.ranks.world_size > 1:
+            self.echo(f"ranks agree: identical parameters in all {self.ranks.world_size} processes")
+
+    def close_epoch(self, lr: float, result: EpochResult, on_epoch_end: Callable[["Run"], None] | None) -> bool:
+        """After an epoch's updates: score, save and print it, or save where a signal stopped it and raise; returns
+        whether training goes on (False: early stopping)."""
+        if not result.complete:  # stopped inside the epoch: last.pt records the update it stopped at
+            self.save()
+            raise self.stopped(f"at update {self.trainer.num_updates} ({result.updates} of "
+                               f"{self.trainer.updates_per_epoch} in epoch {self.epoch + 1})")
+        if not result.finite:
+            raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "
+                           f"the last good checkpoint is {self.dir / 'last.pt'} (epoch {self.epoch})")
+        self.epoch += 1
+        row = self.record(lr, result)
+        self.save()
+        self.echo(_summary(row, self.recipe.train.epochs))
+        if self.stop_asked():  # saved just above
+            raise self.stopped(f"after epoch {self.epoch}")
+        if on_epoch_end is not None:
+            on_epoch_end(self)
+        if self.should_stop_early():
+            self.echo(f"early stopping: no better validation accuracy for {self.epoch - self.best_epoch} epochs "
+                      f"(best {self.best_acc:.2%} at epoch {self.best_epoch})")
+            return False
+        return True
+
+
+def silent(_: str) -> None:
+    """An echo that prints nothing (the ranks other than 0, kit bench's trainers)."""
+
+
+def _summary(row: dict, epochs: int) -> str:
+    ema = "" if math.isnan(row["ema_val_acc"]) else f" ema_val_acc {row['ema_val_acc']:.2%}"
+    return (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
+            f"train_acc {row['train_acc']:.2%} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%}{ema} "
+            f"{row['seconds']:.1f}s {row['images_per_s']:,.0f} img/s"
+            + (f" ({row['skipped_updates']} fp16 updates skipped)" if row["skipped_updates"] else ""))
+
+
+class EpochProgress:
+    """A tqdm bar on a terminal (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
+
+    def __init__(self, epoch: int, epochs: int, updates: int, main: bool = True):
+        self.bar, self.n = None, 0
+        if main and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=updates, desc=f"epoch {epoch}/{epochs}", leave=False, unit="update")
+
+    def __enter__(self):
+        return self.update if self.bar is not None else None
+
+    def update(self, images: int, loss_sum: torch.Tensor) -> None:
+        self.bar.update(1)
+        self.n += 1
+        if self.n % 20 == 0:  # .item() syncs the device: only now and then
+            rate = self.bar.format_dict["rate"] or 0
+            self.bar.set_postfix(loss=f"{loss_sum.item() / self.n:.3f}", img_s=f"{rate * images:,.0f}")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | Path = "runs", device: str = "auto",
+          on_epoch_end: Callable[[Run], None] | None = None, echo: Callable[[str], None] = print,
+          run_dir: str | Path | None = None) -> Path:
+    """Train a recipe into a new run directory (`run_dir`, or out_root/<recipe>-<time>); returns its path."""
+    recipe = resolve_teachers(with_data_root(recipe, data_root), recipe.name)
+    run = open_run(recipe, None, run_dir=run_dir, out_root=out_root, device=device, echo=echo)
+    run.fit(on_epoch_end)
+    return run.dir
+
+
+def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), data_root: str | Path | None = None,
+           device: str = "auto", on_epoch_end: Callable[[Run], None] | None = None,
+           echo: Callable[[str], None] = print) -> Path:
+    """Continue a run from its last.pt (optimizer, LR table, EMA, RNG); `train.epochs=N` may extend it.
+    A run trained on CUDA continues on the CPU (`device='cpu'`) and the other way round."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise KitError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    recipe = with_data_root(load_recipe(run_dir / "recipe.yaml", overrides), data_root)
+    recipe = resolve_teachers(recipe, str(run_dir / "recipe.yaml"))
+    for stale in run_dir.glob(".*.tmp"):  # a write that a kill cut short: never renamed into place
+        stale.unlink(missing_ok=True)
+    payload = None
+    if (run_dir / "last.pt").is_file():
+        payload = read_payload(run_dir / "last.pt")
+    else:  # stopped before its first checkpoint: start it again, the same way
+        echo(f"{run_dir}: no checkpoint yet: training it from the start (its recipe.yaml, train.seed {recipe.train.seed})")
+    run = open_run(recipe, payload, run_dir=run_dir, device=device, echo=echo)
+    run.fit(on_epoch_end)
+    return run.dir
+
+
+def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None = None, out_root: str | Path = "runs",
+             device: str = "auto", echo: Callable[[str], None] = print) -> Run:
+    """The one way a run starts, ready for Run.fit: from scratch (`init_from` None) or from a checkpoint's payload,
+    into `run_dir` (a new out_root/<recipe>-<time> when None)."""
+    source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
+    dataset = load_dataset(recipe.data)
+    _check_batch(recipe, len(dataset.train))
+    recipe = with_num_classes(recipe, len(dataset.classes), source)
+    ranks, dev = distributed.start(device)
+    if recipe.train.batch_size % ranks.world_size:
+        raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
+    trainer = build_trainer(recipe, dataset, dev, source, rank=ranks.rank, world_size=ranks.world_size,
+                            echo=echo if ranks.main else silent)
+    if run_dir is None:
+        run_dir = distributed.broadcast(new_run_dir(out_root, recipe.name) if ranks.main else None, ranks)
+    run = Run(recipe, Path(run_dir), trainer, dataset, echo, ranks)
+    if init_from is not None:
+        if len(dataset.classes) != len(init_from["classes"]):
+            raise KitError(f"{init_from['path']}: has {len(init_from['classes'])} classes but the data has {len(dataset.classes)}")
+        run.restore(init_from)
+    if ranks.main:
+        save_recipe(recipe, run.dir / "recipe.yaml")
+    if init_from is None:
+        processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+        precision, why = choose_precision(recipe.train.precision, dev)
+        run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
+                 f"{len(dataset.held_out):,} validation images, {dev}, precision {precision} ({why}){processes}, run {run.dir}")
+        if recipe.data.validation == "none":
+            run.echo("validation: none (every labelled image trains): best.pt is the last epoch, with the EMA weights "
+                     "when train.ema_decay is set")
+    else:
+        inside = f", {run.in_epoch} updates into epoch {run.epoch + 1}" if run.in_epoch else ""
+        run.echo(f"resuming {run.dir} after epoch {run.epoch} of {recipe.train.epochs}{inside}")
+    return run
+
+
+def _check_batch(recipe: Recipe, n_train: int) -> None:
+    if recipe.train.batch_size > n_train:
+        raise KitError(f"{recipe.name}: train.batch_size {recipe.train.batch_size} is larger than the "
+                       f"{n_train} training images")
