@@ -82,6 +82,19 @@ def test_report_writes_every_part(trained_run, tmp_path, quiet):
     assert confusion.values.sum() == 300 and list(confusion.columns) == [str(d) for d in range(10)]
 
 
+def test_the_report_reads_each_checkpoint_once_and_scores_raw_ema_and_the_better(trained_run, monkeypatch):
+    from kit.inference import checkpoint, report
+    reads = []
+    read = checkpoint.read_payload
+    monkeypatch.setattr(report, "read_payload", lambda path: (reads.append(path), read(path))[1])
+    monkeypatch.setattr(checkpoint, "read_payload", lambda path: (reads.append(path), read(path))[1])
+    best, labels, scores = report.score_run(str(trained_run), None, "val", "none", "cpu")
+    assert reads == [str(trained_run)]
+    payload = read(trained_run)
+    assert best.weights_from == checkpoint.checkpoint_weights(payload, "better")
+    assert scores.tta_acc == (scores.ema_acc if best.weights_from == "ema" else scores.raw_acc)  # --tta none: the same model
+
+
 @pytest.fixture
 def pkl(demo_data):
     return demo_data / "cifar_test_nolabel.pkl"

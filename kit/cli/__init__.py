@@ -24,7 +24,7 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, PRECISIONS
+from kit.recipe import DATA_FORMATS, LR_FIND_RULES, PRECISIONS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
 
@@ -228,6 +228,29 @@ def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precis
     overrides = tuple(overrides) + ((f"train.precision={precision}",) if precision else ())
     bench(load_recipe(recipe, overrides), updates=updates, batch_size=batch_size, data_root=data_root, device=device,
           untimed=untimed)
+
+
+@cli.command("lr-find")
+@click.argument("recipe")
+@set_option
+@click.option("--data-root", metavar="DIR", help="Default: the recipe's data.root.")
+@click.option("--updates", type=click.IntRange(min=10), default=200, show_default=True, help="Updates the sweep is planned for.")
+@click.option("--start-lr", type=float, default=1e-7, show_default=True)
+@click.option("--end-lr", type=float, default=10.0, show_default=True)
+@click.option("--diverge", type=float, default=4.0, show_default=True, help="Stop once the smoothed loss passes this x its lowest.")
+@click.option("--rule", type=click.Choice(LR_FIND_RULES), default="minimum", show_default=True,
+              help="minimum: the LR of the lowest smoothed loss / 10; steep: where the smoothed loss falls fastest.")
+@click.option("--out", metavar="PNG", help="The plot.  [default: lr_find/<recipe>.png]")
+@device_option
+def lr_find_cmd(recipe, overrides, data_root, updates, start_lr, end_lr, diverge, rule, out, device):
+    """An LR range test of RECIPE (the engine's own update, the recipe's model, data, augmentation and optimizer): the
+    loss against an exponentially rising LR as a PNG, and the suggested optim.lr."""
+    from kit.recipe import load_recipe
+    from kit.training.lr_find import lr_find
+    found = lr_find(load_recipe(recipe, overrides), data_root, device, start_lr, end_lr, updates, diverge, echo=click.echo)
+    for line in found.describe(rule):
+        click.echo(line)
+    click.echo(f"plot: {found.plot(out or Path('lr_find') / f'{found.recipe}.png')}")
 
 
 @cli.command("predict")

@@ -153,6 +153,11 @@ def _normalization(payload: dict, channels: int, source: str) -> tuple[torch.Ten
     return mean, std
 
 
+def checkpoint_weights(payload: dict, weights_from: str) -> str:
+    """Which weights (raw or ema) `weights_from` takes from this checkpoint."""
+    return _choose_weights(payload, weights_from)[0]
+
+
 def _choose_weights(payload: dict, weights_from: str) -> tuple[str, dict]:
     weights_from = OLD_WEIGHTS_FROM.get(weights_from, weights_from)
     source = payload["path"]

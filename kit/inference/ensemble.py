@@ -46,9 +46,15 @@ def load_ensemble(paths: list[str], weights_from: str = "better", device: str = 
     first checkpoint's recipe's) and the blend (numbers or a selection file)."""
     dev = resolve_device(device)
     paths = expand_paths(paths)
-    checkpoints = load_checkpoints(paths, weights_from, dev)
+    return ensemble_of(paths, load_checkpoints(paths, weights_from, dev), dev, tta, blend, precision, batch_size)
+
+
+def ensemble_of(paths: list[str], checkpoints: list[Checkpoint], device: torch.device, tta: str | None = None,
+                blend: str | None = None, precision: str = "auto", batch_size: int | None = None) -> Ensemble:
+    """The inference set-up around checkpoints already loaded: TTA views (default: the first checkpoint's recipe's),
+    blend, precision and batch size (default: its predict.batch_size)."""
     tta = tta or checkpoints[0].recipe.predict.tta
-    return Ensemble(paths, checkpoints, parse_blend(blend, paths), tta, tta_views(tta), inference_precision(dev, precision),
+    return Ensemble(paths, checkpoints, parse_blend(blend, paths), tta, tta_views(tta), inference_precision(device, precision),
                     batch_size or checkpoints[0].recipe.predict.batch_size)
 
 

@@ -100,3 +100,25 @@ def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     _save(fig, Path(path))
+
+
+def plot_lr_find(found, path: Path) -> Path:
+    """kit lr-find: the loss (faint) and its smoothed curve against the LR (log scale), both suggestions marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(found.lrs, found.losses, color="C0", alpha=0.25, label="loss of each update")
+    ax.plot(found.lrs, found.smoothed, color="C0", label="smoothed loss")
+    for rule, lr, color in (("minimum / 10", found.minimum, "C2"), ("steepest descent", found.steep, "C3")):
+        ax.axvline(lr, color=color, linestyle="--", label=f"{rule}: {lr:.2g}")
+    finite = found.smoothed[np.isfinite(found.smoothed)]
+    if len(finite):  # a diverged end would flatten the rest of the curve
+        low, start = finite.min(), finite[0]
+        ax.set_ylim(low - 0.1 * abs(start - low) - 1e-3, max(start, low) + 0.5 * abs(start - low) + 1e-3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{found.recipe}: LR range test, {len(found.lrs)} updates" + (" (diverged)" if found.diverged else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return path

@@ -10,8 +10,9 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kit.data.datasets import load_held_out
-from kit.inference.checkpoint import Checkpoint, checkpoint_from_payload, read_payload
-from kit.inference.ensemble import load_ensemble
+from kit.device import resolve_device
+from kit.inference.checkpoint import Checkpoint, checkpoint_from_payload, checkpoint_weights, read_payload
+from kit.inference.ensemble import ensemble_of
 from kit.inference.plots import plot_confusion, plot_curves
 from kit.inference.scores import topk
 from kit.inference.tta import tta_views
@@ -48,11 +49,15 @@ class RunScores:
 
 def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, device: str,
               precision: str = "auto") -> tuple[Checkpoint, np.ndarray, RunScores]:
-    """Accuracy of raw, EMA and best-weights-with-TTA (default: the recipe's views) on the run's held-out data."""
-    ensemble = load_ensemble([path], "better", device, tta, precision=precision)
-    (best,), tta, prec = ensemble.checkpoints, ensemble.tta, ensemble.prec
+    """Accuracy of raw, EMA and the better of the two with TTA (default: the recipe's views) on the run's held-out data;
+    the checkpoint is read once."""
+    payload, dev = read_payload(path), resolve_device(device)
+    raw = checkpoint_from_payload(payload, path, "raw", dev)
+    ema = checkpoint_from_payload(payload, path, "ema", dev) if payload.get("ema") is not None else None
+    best = ema if ema is not None and checkpoint_weights(payload, "better") == "ema" else raw
+    ensemble = ensemble_of([path], [best], dev, tta, precision=precision)
+    tta, prec = ensemble.tta, ensemble.prec
     device = prec.device
-    payload = read_payload(path)
     data = load_held_out(best.recipe.data, data_root, held_out, best.path)
     images, labels = data.images.to(device), data.labels.numpy()
 
@@ -60,10 +65,8 @@ def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, 
         probs = checkpoint.probs(images, views, ensemble.batch_size, prec)
         return topk(probs, data.labels, 1), probs.argmax(1).numpy()
 
-    raw_acc = accuracy(checkpoint_from_payload(payload, path, "raw", device), tta_views("none"))[0]
-    ema_acc = None
-    if payload.get("ema") is not None:
-        ema_acc = accuracy(checkpoint_from_payload(payload, path, "ema", device), tta_views("none"))[0]
+    raw_acc = accuracy(raw, tta_views("none"))[0]
+    ema_acc = None if ema is None else accuracy(ema, tta_views("none"))[0]
     tta_acc, predicted = accuracy(best, ensemble.views)
     return best, labels, RunScores(raw_acc, ema_acc, tta_acc, tta, predicted)
 

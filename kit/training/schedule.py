@@ -125,6 +125,13 @@ class LearningRate:
             for group in self.groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def use_table(self, table: torch.Tensor) -> None:
+        """Put another table in place before the first update (kit lr-find's sweep): a captured update reads the
+        device table it was recorded with."""
+        self.table, self.last = table.to(torch.float64), len(table) - 1
+        if self.on_device:
+            self.device_table = self.table.to(device=self.device_table.device, dtype=torch.float32)
+
     def at_epoch(self, epoch: int) -> float:
         """The LR of the first update of epoch `epoch` (0-based)."""
         return float(self.table[min(epoch * self.updates_per_epoch, self.last)])

@@ -1,0 +1,125 @@
+"""`kit lr-find`: an LR range test (Smith, 2017; fastai's `lr_find`, Lightning's `Tuner.lr_find`) run by the engine's
+own update. The recipe's model (from the same initial weights as training: the recipe's seed), data, augmentation and
+optimizer; the LR rises exponentially, one value per update, through the same device table the captured update reads;
+the sweep stops once the smoothed loss diverges. Two named rules suggest a rate, as fastai's suggestion functions do:
+`minimum` (the LR of the lowest smoothed loss, divided by 10) and `steep` (the LR where the smoothed loss falls fastest
+against log LR)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kit.data.datasets import load_dataset
+from kit.device import resolve_device
+from kit.errors import KitError
+from kit.recipe import LR_FIND_RULES, Recipe, with_num_classes
+from kit.training.engine import build_trainer
+from kit.training.run import silent, with_data_root
+
+SMOOTHING = 0.98  # the loss's exponential moving average, debiased (fastai's beta)
+CHECK_EVERY = 10  # updates between reads of the losses (each read waits for the device)
+PEAK_SCHEDULES = ("onecycle",)  # schedules whose optim.lr is a peak reached mid-run, not the starting rate
+
+
+@dataclass(frozen=True)
+class LRFind:
+    """The sweep: the LR and training loss of each update run, the smoothed loss, and the suggested rates."""
+    recipe: str
+    lrs: np.ndarray  # (U,) the LR of each update run
+    losses: np.ndarray  # (U,) its training loss (the batch mean)
+    smoothed: np.ndarray  # (U,) debiased exponential moving average of the losses
+    minimum: float  # the LR of the lowest smoothed loss / 10
+    steep: float  # the LR of the steepest fall of the smoothed loss against log10(LR)
+    diverged: bool  # stopped early: the smoothed loss passed `diverge` x its lowest (or was not finite)
+    planned: int  # updates the sweep was planned for
+    schedule: str  # the recipe's schedule (a one-cycle's optim.lr is its peak)
+
+    def suggestion(self, rule: str = "minimum") -> float:
+        if rule not in LR_FIND_RULES:
+            raise KitError(f"--rule {rule}: choose one of {', '.join(LR_FIND_RULES)}")
+        return self.minimum if rule == "minimum" else self.steep
+
+    def describe(self, rule: str = "minimum") -> list[str]:
+        """What the CLI prints: the sweep, the suggestion and the exact override to use."""
+        lr = self.suggestion(rule)
+        why = {"minimum": "the LR of the lowest smoothed loss / 10", "steep": "where the smoothed loss falls fastest"}[rule]
+        other = LR_FIND_RULES[1 - LR_FIND_RULES.index(rule)]
+        lines = [f"lr-find {self.recipe}: {len(self.lrs)} of {self.planned} updates from {self.lrs[0]:.2g} to {self.lrs[-1]:.2g}"
+                 + (" (stopped: the loss diverged)" if self.diverged else ""),
+                 f"suggested optim.lr: {lr:.3g} (rule {rule}: {why}); rule {other}: {self.suggestion(other):.3g}"]
+        if self.schedule in PEAK_SCHEDULES:
+            lines.append(f"schedule {self.schedule}: optim.lr is the cycle's peak; the suggestion is for that peak (the "
+                         f"cycle starts lower and ends far lower)")
+        lines.append(f"use: --set optim.lr={lr:.3g}")
+        return lines
+
+    def plot(self, path: str | Path) -> Path:
+        """The smoothed loss against the LR (log scale), with both suggestions marked, as a PNG."""
+        from kit.inference.plots import plot_lr_find
+        return plot_lr_find(self, Path(path))
+
+
+def smooth(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:
+    """Debiased exponential moving average (fastai's smoothing of the LR finder's loss)."""
+    out, avg = np.empty(len(losses)), 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def suggestions(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float]:
+    """(minimum, steep): the LR of the lowest smoothed loss / 10, and the LR of the most negative slope of the smoothed
+    loss against log10(LR) before that lowest point."""
+    finite = np.isfinite(smoothed)
+    lowest = int(np.nanargmin(np.where(finite, smoothed, np.inf)))
+    end = max(lowest, 2)
+    slopes = np.gradient(smoothed[:end + 1], np.log10(lrs[:end + 1]))
+    return float(lrs[lowest] / 10), float(lrs[int(np.nanargmin(slopes))])
+
+
+def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "auto", start_lr: float = 1e-7,
+            end_lr: float = 10.0, updates: int = 200, diverge: float = 4.0, echo: Callable[[str], None] = print) -> LRFind:
+    """Sweep the LR from `start_lr` to `end_lr` over `updates` updates of the recipe's own update (across epochs as
+    needed), stopping when the smoothed loss exceeds `diverge` times its lowest."""
+    if not 0 < start_lr < end_lr or updates < 10 or diverge <= 1:
+        raise KitError(f"lr-find: need 0 < start_lr < end_lr ({start_lr:g}, {end_lr:g}), at least 10 updates ({updates}) "
+                       f"and diverge > 1 ({diverge:g})")
+    recipe = with_data_root(recipe, data_root)
+    dataset = load_dataset(recipe.data)
+    recipe = with_num_classes(recipe, len(dataset.classes), recipe.name)
+    if recipe.train.batch_size > len(dataset.train):
+        raise KitError(f"{recipe.name}: train.batch_size {recipe.train.batch_size} is larger than the {len(dataset.train)} "
+                       f"training images")
+    trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)
+    lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
+    trainer.lr.use_table(torch.from_numpy(lrs))
+    sums = torch.zeros(updates, device=trainer.prec.device)  # each update's running epoch sum, read every CHECK_EVERY
+    done, diverged = 0, False
+    while done < updates and not diverged:
+        if done % trainer.updates_per_epoch == 0:
+            trainer.start_epoch()
+        trainer.next_update()()  # Trainer.update at this update's LR (or its graph's replay)
+        sums[done] = trainer.loss_sum
+        done += 1
+        if done % CHECK_EVERY == 0 or done == updates:
+            losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
+            smoothed = smooth(losses)
+            lowest = np.nanmin(np.where(np.isfinite(smoothed), smoothed, np.nan)) if np.isfinite(smoothed).any() else np.nan
+            diverged = not np.isfinite(smoothed[-1]) or smoothed[-1] > diverge * lowest
+    losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
+    smoothed = smooth(losses)
+    if not np.isfinite(smoothed).any():
+        raise KitError(f"{recipe.name}: the loss was not finite from the first update (at LR {start_lr:g}); lower --start-lr")
+    minimum, steep = suggestions(lrs[:done], smoothed)
+    return LRFind(recipe.name, lrs[:done], losses, smoothed, minimum, steep, diverged, updates, recipe.schedule.name)
+
+
+def _per_update(sums: np.ndarray, updates_per_epoch: int) -> np.ndarray:
+    """Each update's loss from the epoch's running sums (the Trainer's loss_sum, zeroed at each epoch's start)."""
+    before = np.concatenate([[0.0], sums[:-1]])
+    before[np.arange(len(sums)) % updates_per_epoch == 0] = 0.0
+    return sums - before
