@@ -32,6 +32,7 @@ class PaperSpec:
 DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.data.formats)
 HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the labelled test set (--held-out)
 LABEL_STYLES = ("index", "name", "probs")
+REPORT_MISTAKES = 24  # kit report --mistakes: the worst mistakes (and most-disagreed test images) shown
 LR_FIND_RULES = ("minimum", "steep")  # kit lr-find --rule: the LR of the lowest smoothed loss / 10, or the steepest fall  # a submission's labels (kit.inference.submission, --labels)
 VALIDATION = ("test", "split", "none")  # the labelled test set, a stratified split of the training set, or no validation
 

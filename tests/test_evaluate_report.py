@@ -88,7 +88,7 @@ def test_the_report_reads_each_checkpoint_once_and_scores_raw_ema_and_the_better
     read = checkpoint.read_payload
     monkeypatch.setattr(report, "read_payload", lambda path: (reads.append(path), read(path))[1])
     monkeypatch.setattr(checkpoint, "read_payload", lambda path: (reads.append(path), read(path))[1])
-    best, labels, scores = report.score_run(str(trained_run), None, "val", "none", "cpu")
+    best, data, scores = report.score_run(str(trained_run), None, "val", "none", "cpu")
     assert reads == [str(trained_run)]
     payload = read(trained_run)
     assert best.weights_from == checkpoint.checkpoint_weights(payload, "better")
@@ -149,3 +149,46 @@ def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
     predicted = checkpoint.probs(data.held_out.images, tta_views("none"), 1000, Precision(torch.device("cpu"))).argmax(1)
     _, report = selection_halves(data.held_out.labels, 0.5)
     assert table.top1.iloc[0] == pytest.approx((predicted[report] == data.held_out.labels[report]).float().mean().item())
+
+
+def test_the_worst_mistakes_are_the_highest_losses_and_pairs_their_most_confident_examples():
+    from kit.inference.report import pair_examples, worst_mistakes
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55], [0.05, 0.95]])
+    labels = np.array([0, 0, 0, 0, 1])
+    assert worst_mistakes(probs, labels, 5).tolist() == [1, 3]  # wrong ones only, -log p(true) 1.61 then 0.80
+    assert worst_mistakes(probs, labels, 1).tolist() == [1]
+    assert pair_examples(probs, labels, 0, 1, 5).tolist() == [1, 3] and pair_examples(probs, labels, 1, 0, 5).tolist() == []
+
+
+def test_the_report_shows_the_mistakes_as_the_images_were_read(trained_run, tmp_path, monkeypatch, quiet):
+    """The grids hold the held-out images as read (uint8, not normalized), the worst mistakes first."""
+    from kit.inference import report as report_module
+    grids = {}
+    plot = report_module.plot_image_grid
+    monkeypatch.setattr(report_module, "plot_image_grid",
+                        lambda images, captions, path, *a, **k: (grids.__setitem__(path.name, (images, captions)),
+                                                                 plot(images, captions, path, *a, **k))[1])
+    (out,) = report([str(trained_run)], report_dir=str(tmp_path), tta="none", mistakes=5, device="cpu", echo=quiet)
+    _, data, scores = report_module.score_run(str(trained_run), None, "val", "none", "cpu")
+    worst = report_module.worst_mistakes(scores.probs, data.labels.numpy(), 5)
+    images, captions = grids["worst_mistakes.png"]
+    assert len(images) == len(worst) > 0 and all(np.array_equal(a, data.images[i].numpy()) for a, i in zip(images, worst))
+    assert all(a.dtype == np.uint8 for a in images) and captions[0].startswith(f"{data.labels[worst[0]].item()} -> ")
+    text = (out / "REPORT.md").read_text()
+    assert "![the worst mistakes](worst_mistakes.png)" in text and "(confused_examples.png)" in text
+    assert (out / "worst_mistakes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_ensembles_disagreement_needs_no_labels(trained_run, demo_data, tmp_path, run, tiny_recipe, quiet):
+    from kit.training.run import train
+    other = train(tiny_recipe(train__epochs=1, train__seed=3), demo_data, tmp_path / "runs", "cpu", echo=quiet)
+    code, out = run("report", trained_run, other, "--report-dir", tmp_path / "r", "--test", demo_data / "cifar_test_nolabel.pkl",
+                    "--mistakes", 6, "--device", "cpu")
+    assert code == 0, out
+    table = pd.read_csv(tmp_path / "r" / "ensemble" / "disagreement.csv")
+    assert len(table) == 300 and table.agreement.is_monotonic_increasing  # least agreement first
+    agree = (table.member_0 == table.ensemble).astype(float) + (table.member_1 == table.ensemble)
+    np.testing.assert_allclose(table.agreement, agree / 2)
+    assert (tmp_path / "r" / "ensemble" / "disagreement.png").is_file()
+    code, out = run("report", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--device", "cpu")
+    assert code == 2 and "needs an ensemble: give two or more checkpoints" in out

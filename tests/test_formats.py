@@ -12,6 +12,7 @@ import torch
 
 from kit.data.datasets import _digits_rgb, demo_split, load_dataset, read_test_set
 from kit.data.demo import DIGIT_NAMES, make_demo_format
+from kit.inference import report as report_module
 from kit.recipe import load_recipe
 
 FORMATS = {  # format: (unlabelled test set, sample submission, (channels, size), answers' columns)
@@ -58,7 +59,7 @@ def test_every_format_holds_the_same_digits(fmt, demo_dir):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, trained_run, run):
+def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, trained_run, run, monkeypatch):
     """kit data demo, train, predict into the sample submission's format, check it, and blend the saved probabilities:
     one member blended equals its own prediction."""
     data = demo_dir(fmt)
@@ -79,6 +80,13 @@ def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, traine
                     "--template", template, "--out", tmp_path / "b.csv")
     assert code == 0, out
     assert pd.read_csv(tmp_path / "b.csv", dtype=str).equals(written)
+    grids = []
+    monkeypatch.setattr(report_module, "plot_image_grid", lambda images, *a, **k: grids.append(images))
+    code, out = run("report", run_dir, "--report-dir", tmp_path / "report", "--mistakes", 4, "--device", "cpu")
+    assert code == 0, out
+    channels, size = FORMATS[fmt][2]
+    assert grids and all(image.shape == (channels, size, size) and image.dtype == np.uint8
+                         for grid in grids for image in grid if image is not None)  # the images as read, in every format
     if fmt == "pixels":  # a 28x28x1 model and a 32x32x3 one do not ensemble
         code, out = run("predict", run_dir, trained_run, "--test", test, "--device", "cpu")
         assert code == 2 and "takes 32x32 images with 3 channel(s)" in out and "cannot be ensembled" in out, out

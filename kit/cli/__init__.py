@@ -24,7 +24,7 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, LR_FIND_RULES, PRECISIONS
+from kit.recipe import DATA_FORMATS, LR_FIND_RULES, PRECISIONS, REPORT_MISTAKES
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
 
@@ -374,13 +374,18 @@ def check_submission_cmd(csv_path, test_path, template, labels, id_column, label
 @click.option("--report-dir", metavar="DIR", help="Write DIR/<run>/ (default: RUN/report/).")
 @held_out_option
 @tta_option
+@click.option("--mistakes", type=click.IntRange(min=1), default=REPORT_MISTAKES, show_default=True,
+              help="How many of the worst mistakes (and most-disagreed test images) to show.")
+@click.option("--test", "test_path", metavar="PATH",
+              help="An unlabelled test set: with several checkpoints, the images their members disagree on most.")
 @precision_option
 @device_option
-def report_cmd(checkpoints, data_root, report_dir, held_out, tta, precision, device):
-    """Per-class precision/recall/F1, confusion matrix, confused pairs, curves and REPORT.md per checkpoint."""
+def report_cmd(checkpoints, data_root, report_dir, held_out, tta, mistakes, test_path, precision, device):
+    """Per-class precision/recall/F1, confusion matrix, confused pairs, the worst mistakes and the most-confused pairs as
+    pictures, curves and REPORT.md per checkpoint; with --test, where an ensemble's members disagree."""
     from kit.inference.report import report
     report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device,
-           precision=precision)
+           precision=precision, mistakes=mistakes, test=test_path)
 
 
 @cli.command("doctor")

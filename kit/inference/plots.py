@@ -122,3 +122,26 @@ def plot_lr_find(found, path: Path) -> Path:
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def plot_image_grid(images: list, captions: list[str], path: Path, title: str = "", columns: int = 8) -> Path:
+    """uint8 (C, S, S) images as read (1 channel in gray, 3 in colour; None leaves a cell empty), a caption each."""
+    columns = max(1, min(columns, len(images)))
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.95), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        if image is None:
+            continue
+        image = np.asarray(image)
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        ax.set_title(caption, fontsize=6.5)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return path

@@ -9,14 +9,18 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from kit.data.datasets import load_held_out
+from kit.data.datasets import Labelled, load_held_out, read_test_set
 from kit.device import resolve_device
+from kit.errors import KitError
 from kit.inference.checkpoint import Checkpoint, checkpoint_from_payload, checkpoint_weights, read_payload
-from kit.inference.ensemble import ensemble_of
-from kit.inference.plots import plot_confusion, plot_curves
+from kit.inference.ensemble import ensemble_of, load_ensemble
+from kit.inference.plots import plot_confusion, plot_curves, plot_image_grid
 from kit.inference.scores import topk
 from kit.inference.tta import tta_views
 from kit.io import write_text
+from kit.recipe import REPORT_MISTAKES
+
+PAIRS, PAIR_EXAMPLES = 5, 6  # the most-confused pairs shown, and examples of each
 
 
 def per_class_table(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -42,13 +46,17 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 10) -> pd.
 class RunScores:
     raw_acc: float
     ema_acc: float | None
-    tta_acc: float  # best weights, averaged over the TTA views
+    tta_acc: float  # the better weights, averaged over the TTA views
     tta: str  # the TTA mode: the given --tta, or the recipe's predict.tta
-    predicted: np.ndarray  # with the best weights and TTA
+    probs: np.ndarray  # (N, K) with the better weights and TTA
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(1)
 
 
 def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, device: str,
-              precision: str = "auto") -> tuple[Checkpoint, np.ndarray, RunScores]:
+              precision: str = "auto") -> tuple[Checkpoint, Labelled, RunScores]:
     """Accuracy of raw, EMA and the better of the two with TTA (default: the recipe's views) on the run's held-out data;
     the checkpoint is read once."""
     payload, dev = read_payload(path), resolve_device(device)
@@ -59,23 +67,23 @@ def score_run(path: str, data_root: str | None, held_out: str, tta: str | None, 
     tta, prec = ensemble.tta, ensemble.prec
     device = prec.device
     data = load_held_out(best.recipe.data, data_root, held_out, best.path)
-    images, labels = data.images.to(device), data.labels.numpy()
+    images = data.images.to(device)
 
     def accuracy(checkpoint: Checkpoint, views: list) -> tuple[float, np.ndarray]:
         probs = checkpoint.probs(images, views, ensemble.batch_size, prec)
-        return topk(probs, data.labels, 1), probs.argmax(1).numpy()
+        return topk(probs, data.labels, 1), probs.numpy()
 
     raw_acc = accuracy(raw, tta_views("none"))[0]
     ema_acc = None if ema is None else accuracy(ema, tta_views("none"))[0]
-    tta_acc, predicted = accuracy(best, ensemble.views)
-    return best, labels, RunScores(raw_acc, ema_acc, tta_acc, tta, predicted)
+    tta_acc, probs = accuracy(best, ensemble.views)
+    return best, data, RunScores(raw_acc, ema_acc, tta_acc, tta, probs)
 
 
 def report_run(path: str, out_dir: Path, data_root: str | None, held_out: str, tta: str | None, device: str,
-               precision: str = "auto") -> Path:
+               precision: str = "auto", mistakes: int = REPORT_MISTAKES) -> Path:
     """Write the per-class tables, confusion matrix, curves and REPORT.md of one run into out_dir."""
-    checkpoint, labels, scores = score_run(path, data_root, held_out, tta, device, precision)
-    classes = checkpoint.classes
+    checkpoint, data, scores = score_run(path, data_root, held_out, tta, device, precision)
+    classes, labels = checkpoint.classes, data.labels.numpy()
     matrix = confusion_matrix(labels, scores.predicted, labels=list(range(len(classes))))
     per_class = per_class_table(labels, scores.predicted, classes)
     pairs = confused_pairs(matrix, classes)
@@ -86,10 +94,51 @@ def report_run(path: str, out_dir: Path, data_root: str | None, held_out: str, t
     metrics_path = Path(checkpoint.path).parent / "metrics.csv"
     if metrics_path.is_file():
         plot_curves(pd.read_csv(metrics_path), out_dir / "curves.png", checkpoint.recipe.name)
+    pictures = mistake_pictures(data, scores.probs, classes, pairs, out_dir, mistakes)
     markdown = _markdown(checkpoint, scores, held_out=held_out, n=len(labels), per_class=per_class, pairs=pairs,
-                         has_curves=metrics_path.is_file())
+                         has_curves=metrics_path.is_file(), pictures=pictures)
     write_text(out_dir / "REPORT.md", markdown)
     return out_dir
+
+
+def worst_mistakes(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n misclassified images with the highest loss (-log of the true class's probability), worst first."""
+    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    return wrong[np.argsort(-loss[wrong], kind="stable")][:n]
+
+
+def pair_examples(probs: np.ndarray, labels: np.ndarray, true: int, predicted: int, n: int) -> np.ndarray:
+    """Up to n images of class `true` predicted as `predicted`, the most confident mistakes first."""
+    chosen = np.flatnonzero((labels == true) & (probs.argmax(1) == predicted))
+    return chosen[np.argsort(-probs[chosen, predicted], kind="stable")][:n]
+
+
+def mistake_pictures(data: Labelled, probs: np.ndarray, classes: list[str], pairs: pd.DataFrame, out_dir: Path,
+                     n: int = REPORT_MISTAKES) -> dict[str, str]:
+    """The worst mistakes and the most-confused pairs' examples as PNG grids of the images as read (uint8, at the data's
+    size and channels); returns {section: file name} of those written (none when nothing is misclassified)."""
+    labels, images = data.labels.numpy(), data.images.cpu().numpy()
+    written = {}
+    worst = worst_mistakes(probs, labels, n)
+    if len(worst):
+        captions = [f"{classes[labels[i]]} -> {classes[probs[i].argmax()]}\np(true) {probs[i, labels[i]]:.2f}, "
+                    f"p(pred) {probs[i].max():.2f}" for i in worst]
+        plot_image_grid([images[i] for i in worst], captions, out_dir / "worst_mistakes.png",
+                        f"The {len(worst)} held-out images with the highest loss (true -> predicted)")
+        written["worst"] = "worst_mistakes.png"
+    index = {name: k for k, name in enumerate(classes)}
+    cells, captions = [], []
+    for pair in pairs.head(PAIRS).itertuples():
+        chosen = pair_examples(probs, labels, index[pair.true], index[pair.predicted], PAIR_EXAMPLES)
+        cells += [images[i] for i in chosen] + [None] * (PAIR_EXAMPLES - len(chosen))
+        captions += [f"{pair.true} -> {pair.predicted}\np {probs[i, index[pair.predicted]]:.2f}" for i in chosen]
+        captions += [""] * (PAIR_EXAMPLES - len(chosen))
+    if cells:
+        plot_image_grid(cells, captions, out_dir / "confused_examples.png",
+                        "The most-confused pairs, a row each (true -> predicted)", columns=PAIR_EXAMPLES)
+        written["pairs"] = "confused_examples.png"
+    return written
 
 
 def _pct(x: float | None) -> str:
@@ -97,16 +146,19 @@ def _pct(x: float | None) -> str:
 
 
 def _markdown(checkpoint: Checkpoint, scores: RunScores, held_out: str, n: int, per_class: pd.DataFrame,
-              pairs: pd.DataFrame, has_curves: bool) -> str:
+              pairs: pd.DataFrame, has_curves: bool, pictures: dict[str, str]) -> str:
     r = checkpoint.recipe
     lines = [f"# Report: {checkpoint.name}", "",
              f"- recipe: `{r.name}` ({r.description or r.model.name}); source: {r.paper.source or '-'}",
              f"- model: `{r.model.name}`, {checkpoint.num_params:,} parameters",
-             f"- scored on: {held_out} set, {n:,} labelled images; best weights: {checkpoint.weights_from}",
-             f"- accuracy: raw {_pct(scores.raw_acc)} · EMA {_pct(scores.ema_acc)} · best weights + TTA ({scores.tta}) {_pct(scores.tta_acc)}",
+             f"- scored on: {held_out} set, {n:,} labelled images; better weights: {checkpoint.weights_from}",
+             f"- accuracy: raw {_pct(scores.raw_acc)} · EMA {_pct(scores.ema_acc)} · better weights + TTA ({scores.tta}) {_pct(scores.tta_acc)}",
              f"- paper reports: {'-' if r.paper.reported_accuracy is None else f'{r.paper.reported_accuracy:.2f}%'} ({r.paper.metric})",
-             "", "## Per class (best weights + TTA)", "", _table(per_class),
+             "", "## Per class (better weights + TTA)", "", _table(per_class),
              "", "## Most confused pairs", "", _table(pairs) if len(pairs) else "none",
+             *(["", f"![examples of the most-confused pairs]({pictures['pairs']})"] if "pairs" in pictures else []),
+             "", "## The worst mistakes", "",
+             f"![the worst mistakes]({pictures['worst']})" if "worst" in pictures else "none: every image is right",
              "", "## Confusion matrix", "", "![confusion](confusion.png) · [confusion.csv](confusion.csv)"]
     if has_curves:
         lines += ["", "## Training curves", "", "![curves](curves.png)"]
@@ -122,14 +174,48 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def report(paths: list[str], data_root: str | None = None, report_dir: str | None = None, held_out: str = "val",
-           tta: str | None = None, device: str = "auto", precision: str = "auto",
-           echo: Callable[[str], None] = print) -> list[Path]:
-    """One report folder per checkpoint: RUN/report/ by default, or REPORT_DIR/<run name>/."""
+           tta: str | None = None, device: str = "auto", precision: str = "auto", mistakes: int = REPORT_MISTAKES,
+           test: str | None = None, echo: Callable[[str], None] = print) -> list[Path]:
+    """One report folder per checkpoint: RUN/report/ by default, or REPORT_DIR/<run name>/. With `test` (an unlabelled
+    set) and several checkpoints, also the images the ensemble's members disagree on most, in REPORT_DIR/ensemble/
+    (default reports/ensemble/)."""
+    if test is not None and len(paths) < 2:
+        raise KitError(f"--test {test}: the members' disagreement needs an ensemble: give two or more checkpoints")
     written = []
     for path in paths:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         out_dir = Path(report_dir) / base.name if report_dir else base / "report"
         written.append(report_run(path, out_dir, data_root=data_root, held_out=held_out, tta=tta, device=device,
-                                  precision=precision))
+                                  precision=precision, mistakes=mistakes))
         echo(f"report: {out_dir / 'REPORT.md'}")
+    if test is not None:
+        out_dir = Path(report_dir or "reports") / "ensemble"
+        table = disagreement(paths, test, out_dir, mistakes, tta=tta, device=device, precision=precision)
+        echo(f"disagreement: {out_dir / 'disagreement.png'} ({(table.agreement < 1).sum():,} of {len(table):,} test images "
+             f"without a unanimous vote)")
+        written.append(out_dir)
     return written
+
+
+def disagreement(paths: list[str], test_path: str, out_dir: Path, n: int = REPORT_MISTAKES, tta: str | None = None,
+                 device: str = "auto", precision: str = "auto") -> pd.DataFrame:
+    """Where an ensemble's submission is a guess, without labels: every unlabelled image with the share of members voting
+    for the ensemble's class (`agreement`) and how far the members' probabilities spread around their mean (mean total
+    variation), least agreement first (disagreement.csv); the first n as a grid of the images as read."""
+    ensemble = load_ensemble(paths, "better", device, tta, precision=precision)
+    names = ensemble.checkpoints[0].classes
+    test = read_test_set(test_path, ensemble.checkpoints[0].recipe.data)
+    member = np.stack([p.numpy() for p in ensemble.probs(test.images)])  # (M, N, K)
+    blended, votes = member.mean(0).argmax(1), member.argmax(2)  # (N,), (M, N)
+    agreement = (votes == blended).mean(0)
+    spread = 0.5 * np.abs(member - member.mean(0)).sum(2).mean(0)
+    order = np.lexsort((-spread, agreement))
+    table = pd.DataFrame({"id": test.ids[order], "ensemble": [names[k] for k in blended[order]],
+                          "agreement": agreement[order], "spread": spread[order],
+                          **{f"member_{m}": [names[k] for k in votes[m, order]] for m in range(len(member))}})
+    write_text(out_dir / "disagreement.csv", table.to_csv(index=False))
+    shown = order[:n]
+    captions = [f"id {test.ids[i]}: {names[blended[i]]}\nvotes " + "/".join(names[k] for k in votes[:, i]) for i in shown]
+    plot_image_grid([test.images[i].numpy() for i in shown], captions, out_dir / "disagreement.png",
+                    f"The {len(shown)} test images the {len(member)} members disagree on most (ensemble's class, each vote)")
+    return table
