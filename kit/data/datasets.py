@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 
 from kit.data import safe_pickle
-from kit.errors import KitError
 from kit.data.formats import class_indices
+from kit.errors import KitError
 from kit.io import atomic_path, write_text
 from kit.recipe import DataSpec
 
