@@ -245,9 +245,9 @@ def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precis
 def lr_find_cmd(recipe, overrides, data_root, updates, start_lr, end_lr, diverge, rule, out, device):
     """An LR range test of RECIPE (the engine's own update, the recipe's model, data, augmentation and optimizer): the
     loss against an exponentially rising LR as a PNG, and the suggested optim.lr."""
+    from kit import api
     from kit.recipe import load_recipe
-    from kit.training.lr_find import lr_find
-    found = lr_find(load_recipe(recipe, overrides), data_root, device, start_lr, end_lr, updates, diverge, echo=click.echo)
+    found = api.lr_find(load_recipe(recipe, overrides), data_root, device, updates, start_lr, end_lr, diverge, echo=click.echo)
     for line in found.describe(rule):
         click.echo(line)
     click.echo(f"plot: {found.plot(out or Path('lr_find') / f'{found.recipe}.png')}")
@@ -270,11 +270,11 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
                 adapt_bn, adapt_prior, precision, device):
     """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test set; write the
     submission CSV (the template's format, or ID,Labels) and its probabilities (CSV.probs.npz, for kit blend)."""
-    from kit.inference.predict import predict
+    from kit import api
     fmt = submission_format(template, labels, id_column, label_column)
-    predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
-            batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision,
-            template=template, fmt=fmt)
+    api.predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
+                batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision,
+                template=template, fmt=fmt)
 
 
 @cli.command("blend")
@@ -291,10 +291,10 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
 def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column, classes):
     """An ensemble from saved probabilities alone: greedy selection on the labelled files, submission from the
     unlabelled ones (no checkpoint, no GPU; seconds). Other software's .npz (probs (N, K), ids, labels) blends too."""
-    from kit.inference.blend import blend
+    from kit import api
     fmt = submission_format(template, labels, id_column, label_column)
-    blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt,
-          given_classes=class_list(classes), echo=click.echo)
+    api.blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt,
+              given_classes=class_list(classes), echo=click.echo)
 
 
 @cli.command("evaluate")
@@ -326,10 +326,10 @@ def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_o
                    prior=adapt_prior, batch_size=batch_size, device=device, csv_out=csv_out, plot_out=plot_out,
                    precision=precision)
         return
-    from kit.inference.evaluate import evaluate
-    evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
-             weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
-             select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision, probs_out=probs_out)
+    from kit import api
+    api.evaluate(list(checkpoints), data_root=data_root, held_out=held_out, tta=tta, select=select, rounds=rounds,
+                 weights_from=weights_from, csv_out=csv_out, select_out=select_out, batch_size=batch_size, device=device,
+                 select_on=select_on, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision, probs_out=probs_out)
 
 
 @cli.command("export")
@@ -383,9 +383,9 @@ def check_submission_cmd(csv_path, test_path, template, labels, id_column, label
 def report_cmd(checkpoints, data_root, report_dir, held_out, tta, mistakes, test_path, precision, device):
     """Per-class precision/recall/F1, confusion matrix, confused pairs, the worst mistakes and the most-confused pairs as
     pictures, curves and REPORT.md per checkpoint; with --test, where an ensemble's members disagree."""
-    from kit.inference.report import report
-    report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device,
-           precision=precision, mistakes=mistakes, test=test_path)
+    from kit import api
+    api.report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device,
+               precision=precision, mistakes=mistakes, test=test_path)
 
 
 @cli.command("doctor")

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kit import __version__
 from kit.device import Precision
 from kit.errors import KitError
 from kit.io import atomic_path
-from kit.recipe import OLD_WEIGHTS_FROM, Recipe, recipe_from_dict, with_num_classes
+from kit.recipe import KIT_VERSION, OLD_WEIGHTS_FROM, Recipe, recipe_from_dict, with_num_classes
 
 SAFETENSORS_FORMAT = "kit-weights-1"  # metadata["format"] of an exported .safetensors file
 
@@ -37,7 +36,7 @@ def better_weights(val_acc, ema_acc):
 
 def save_checkpoint(payload: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename."""
-    payload = {**payload, "kit_version": __version__}
+    payload = {**payload, "kit_version": KIT_VERSION}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -73,7 +72,7 @@ def safetensors_metadata(payload: dict, weights_from: str) -> dict[str, str]:
     """What an exported file carries besides its tensors (safetensors metadata is str -> str)."""
     return {"format": SAFETENSORS_FORMAT, "recipe": json.dumps(payload["recipe"]), "classes": json.dumps(payload["classes"]),
             "mean": json.dumps(payload["mean"]), "std": json.dumps(payload["std"]), "num_params": str(payload["num_params"]),
-            "weights_from": weights_from, "exported_from": payload["path"], "kit_version": __version__}
+            "weights_from": weights_from, "exported_from": payload["path"], "kit_version": KIT_VERSION}
 
 
 def _read_safetensors(path: Path) -> dict:

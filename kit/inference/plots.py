@@ -1,5 +1,6 @@
 """Figures: training curves and confusion matrices (matplotlib, no display needed)."""
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,19 @@ import pandas as pd  # noqa: E402
 
 from kit.inference.checkpoint import better_weights  # noqa: E402
 from kit.io import atomic_path  # noqa: E402
+
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (Colab, Kaggle): figures then display inline, progress as its bar."""
+    return "ipykernel" in sys.modules
+
+
+def show(path: Path) -> Path:
+    """Display a PNG inline in a notebook; elsewhere only return its path."""
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
+    return path
 
 
 def _save(fig, path: Path) -> None:

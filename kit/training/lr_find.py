@@ -57,9 +57,9 @@ class LRFind:
         return lines
 
     def plot(self, path: str | Path) -> Path:
-        """The smoothed loss against the LR (log scale), with both suggestions marked, as a PNG."""
-        from kit.inference.plots import plot_lr_find
-        return plot_lr_find(self, Path(path))
+        """The smoothed loss against the LR (log scale), with both suggestions marked, as a PNG (inline in a notebook)."""
+        from kit.inference.plots import plot_lr_find, show
+        return show(plot_lr_find(self, Path(path)))
 
 
 def smooth(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:

@@ -25,7 +25,7 @@ from kit.device import choose_precision, deterministic
 from kit.errors import KitError
 from kit.faults import Stopped, StopRequest, fault_point
 from kit.inference.checkpoint import better_weights, read_payload, save_checkpoint
-from kit.inference.plots import plot_curves
+from kit.inference.plots import in_notebook, plot_curves
 from kit.inference.scores import predict_probs, probs_loss_acc
 from kit.io import write_text
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_num_classes
@@ -249,12 +249,12 @@ def _summary(row: dict, epochs: int) -> str:
 
 
 class EpochProgress:
-    """A tqdm bar on a terminal (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
+    """A tqdm bar on a terminal or in a notebook (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
 
     def __init__(self, epoch: int, epochs: int, updates: int, main: bool = True):
         self.bar, self.n = None, 0
-        if main and sys.stderr.isatty():
-            from tqdm import tqdm
+        if main and (sys.stderr.isatty() or in_notebook()):
+            from tqdm.auto import tqdm  # a notebook's own bar in Jupyter (with ipywidgets), text elsewhere
             self.bar = tqdm(total=updates, desc=f"epoch {epoch}/{epochs}", leave=False, unit="update")
 
     def __enter__(self):
