@@ -87,6 +87,8 @@ def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, traine
     channels, size = FORMATS[fmt][2]
     assert grids and all(image.shape == (channels, size, size) and image.dtype == np.uint8
                          for grid in grids for image in grid if image is not None)  # the images as read, in every format
+    code, out = run("lr-find", data / "recipe.yaml", *args, "--updates", 12, "--out", tmp_path / "lr.png", "--device", "cpu")
+    assert code == 0 and "use: --set optim.lr=" in out and (tmp_path / "lr.png").is_file(), out
     if fmt == "pixels":  # a 28x28x1 model and a 32x32x3 one do not ensemble
         code, out = run("predict", run_dir, trained_run, "--test", test, "--device", "cpu")
         assert code == 2 and "takes 32x32 images with 3 channel(s)" in out and "cannot be ensembled" in out, out
