@@ -40,7 +40,7 @@ def id_key(value) -> str:
     return str(int(text)) if is_integer(text) else text
 
 
-WHOLE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number as a CSV or a float array spells it
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number as a CSV, a template or a float array spells it
 LARGEST_LABEL = 2**31 - 1
 
 
@@ -48,7 +48,7 @@ def label_text(value) -> str:
     """A label as text: a number that is whole (`3.0`, numpy's 3.0) becomes the integer `3`, so that float labels are
     indices, never names sorted as text (0, 1, 10, 2, ...)."""
     text = str(value).strip()
-    if not is_integer(text) and WHOLE.fullmatch(text):
+    if not is_integer(text) and DECIMAL.fullmatch(text):
         number = float(text)
         if number.is_integer() and abs(number) <= LARGEST_LABEL:
             return str(int(number))
@@ -122,7 +122,7 @@ def label_indices(labels: list, classes: list[str] | None, path: Path, rows: lis
     if empty:
         raise KitError(f"{path}: {rows[empty[0]]}: the label is empty ({len(empty)} empty label{'s' if len(empty) > 1 else ''})")
     if classes is None:
-        numbers = [i for i, text in enumerate(texts) if WHOLE.fullmatch(text)]
+        numbers = [i for i, text in enumerate(texts) if DECIMAL.fullmatch(text)]
         if texts and len(numbers) == len(texts) and not all(map(is_integer, texts)):
             bad = next(i for i in numbers if not is_integer(texts[i]))
             raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is not a whole number: labels are class indices or names")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kit.data.formats import INTEGER, csv_row, id_key, read_csv
+from kit.data.formats import DECIMAL, INTEGER, csv_row, id_key, read_csv
 from kit.errors import KitError
 from kit.io import atomic_path
 from kit.recipe import LABEL_STYLES
@@ -70,7 +70,7 @@ def format_from_template(path: str | Path, classes: list[str] | None = None) -> 
         values = table[label_columns[0]].str.strip()
         if values.str.fullmatch(INTEGER).all():
             style = "index"
-        elif values.str.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?").all():
+        elif values.str.fullmatch(DECIMAL.pattern).all():
             style = "probs"
             if classes is not None and len(classes) != 2:
                 raise KitError(f"{path}: one probability column suits two classes; the model has {len(classes)} "

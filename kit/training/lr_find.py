@@ -17,7 +17,7 @@ from kit.device import resolve_device
 from kit.errors import KitError
 from kit.recipe import LR_FIND_RULES, Recipe, with_num_classes
 from kit.training.engine import build_trainer
-from kit.training.run import silent, with_data_root
+from kit.training.run import check_batch, silent, with_data_root
 
 SMOOTHING = 0.98  # the loss's exponential moving average, debiased (fastai's beta)
 CHECK_EVERY = 10  # updates between reads of the losses (each read waits for the device)
@@ -91,9 +91,7 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
     recipe = with_data_root(recipe, data_root)
     dataset = load_dataset(recipe.data)
     recipe = with_num_classes(recipe, len(dataset.classes), recipe.name)
-    if recipe.train.batch_size > len(dataset.train):
-        raise KitError(f"{recipe.name}: train.batch_size {recipe.train.batch_size} is larger than the {len(dataset.train)} "
-                       f"training images")
+    check_batch(recipe, len(dataset.train))
     trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)
     lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
     trainer.lr.use_table(torch.from_numpy(lrs))
@@ -108,8 +106,8 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
         if done % CHECK_EVERY == 0 or done == updates:
             losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
             smoothed = smooth(losses)
-            lowest = np.nanmin(np.where(np.isfinite(smoothed), smoothed, np.nan)) if np.isfinite(smoothed).any() else np.nan
-            diverged = not np.isfinite(smoothed[-1]) or smoothed[-1] > diverge * lowest
+            finite = smoothed[np.isfinite(smoothed)]
+            diverged = not np.isfinite(smoothed[-1]) or smoothed[-1] > diverge * finite.min()
     losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
     smoothed = smooth(losses)
     if not np.isfinite(smoothed).any():

@@ -310,7 +310,7 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
     into `run_dir` (a new out_root/<recipe>-<time> when None)."""
     source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
     dataset = load_dataset(recipe.data)
-    _check_batch(recipe, len(dataset.train))
+    check_batch(recipe, len(dataset.train))
     recipe = with_num_classes(recipe, len(dataset.classes), source)
     ranks, dev = distributed.start(device)
     if recipe.train.batch_size % ranks.world_size:
@@ -340,7 +340,7 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
     return run
 
 
-def _check_batch(recipe: Recipe, n_train: int) -> None:
+def check_batch(recipe: Recipe, n_train: int) -> None:
     if recipe.train.batch_size > n_train:
         raise KitError(f"{recipe.name}: train.batch_size {recipe.train.batch_size} is larger than the "
                        f"{n_train} training images")
