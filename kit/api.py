@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from kit.inference.plots import show
-from kit.recipe import Recipe, load_recipe
+from kit.recipe import LR_FIND_UPDATES, Recipe, load_recipe
 
 
 def overrides_of(overrides: dict) -> tuple[str, ...]:
@@ -94,9 +94,9 @@ def blend(labelled: list[str | Path], unlabelled: list[str | Path], out: str | P
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def lr_find(recipe: str | Path | Recipe, data_root: str | Path | None = None, device: str = "auto", updates: int = 200,
-            start_lr: float = 1e-7, end_lr: float = 10.0, diverge: float = 4.0, echo: Callable[[str], None] = print,
-            **overrides):
+def lr_find(recipe: str | Path | Recipe, data_root: str | Path | None = None, device: str = "auto",
+            updates: int = LR_FIND_UPDATES, start_lr: float = 1e-7, end_lr: float = 10.0, diverge: float = 4.0,
+            echo: Callable[[str], None] = print, **overrides):
     """kit lr-find: the sweep (LRFind: lrs, losses, smoothed, minimum, steep; .plot() draws it, inline in a notebook)."""
     from kit.training.lr_find import lr_find as run_lr_find
     return run_lr_find(_recipe(recipe, overrides), data_root, device, start_lr, end_lr, updates, diverge, echo=echo)

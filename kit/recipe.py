@@ -32,9 +32,10 @@ class PaperSpec:
 
 DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.data.formats)
 HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the labelled test set (--held-out)
-LABEL_STYLES = ("index", "name", "probs")
+LABEL_STYLES = ("index", "name", "probs")  # a submission's labels (kit.inference.submission, --labels)
 REPORT_MISTAKES = 24  # kit report --mistakes: the worst mistakes (and most-disagreed test images) shown
-LR_FIND_RULES = ("minimum", "steep")  # kit lr-find --rule: the LR of the lowest smoothed loss / 10, or the steepest fall  # a submission's labels (kit.inference.submission, --labels)
+LR_FIND_RULES = ("minimum", "steep")  # kit lr-find --rule: the LR of the lowest smoothed loss / 10, or the steepest fall
+LR_FIND_UPDATES = 800  # kit lr-find --updates: ~100 a decade from 1e-7 to 10 (README: why not fastai's 100)
 VALIDATION = ("test", "split", "none")  # the labelled test set, a stratified split of the training set, or no validation
 
 

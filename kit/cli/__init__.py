@@ -24,7 +24,7 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, LR_FIND_RULES, PRECISIONS, REPORT_MISTAKES
+from kit.recipe import DATA_FORMATS, LR_FIND_RULES, LR_FIND_UPDATES, PRECISIONS, REPORT_MISTAKES
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
 
@@ -234,10 +234,12 @@ def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precis
 @click.argument("recipe")
 @set_option
 @click.option("--data-root", metavar="DIR", help="Default: the recipe's data.root.")
-@click.option("--updates", type=click.IntRange(min=10), default=200, show_default=True, help="Updates the sweep is planned for.")
+@click.option("--updates", type=click.IntRange(min=10), default=LR_FIND_UPDATES, show_default=True,
+              help="Updates the sweep is planned for.")
 @click.option("--start-lr", type=float, default=1e-7, show_default=True)
 @click.option("--end-lr", type=float, default=10.0, show_default=True)
-@click.option("--diverge", type=float, default=4.0, show_default=True, help="Stop once the smoothed loss passes this x its lowest.")
+@click.option("--diverge", type=float, default=4.0, show_default=True,
+              help="Stop once the running average of the loss passes this x its lowest.")
 @click.option("--rule", type=click.Choice(LR_FIND_RULES), default="minimum", show_default=True,
               help="minimum: the LR of the lowest smoothed loss / 10; steep: where the smoothed loss falls fastest.")
 @click.option("--out", metavar="PNG", help="The plot.  [default: lr_find/<recipe>.png]")

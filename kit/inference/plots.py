@@ -117,10 +117,11 @@ def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
 
 
 def plot_lr_find(found, path: Path) -> Path:
-    """kit lr-find: the loss (faint) and its smoothed curve against the LR (log scale), both suggestions marked."""
+    """kit lr-find: the loss (faint) and its centred average (what the rules read) against the LR (log scale), both
+    suggestions marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(found.lrs, found.losses, color="C0", alpha=0.25, label="loss of each update")
-    ax.plot(found.lrs, found.smoothed, color="C0", label="smoothed loss")
+    ax.plot(found.lrs, found.smoothed, color="C0", label="centred average (what the rules read)")
     for rule, lr, color in (("minimum / 10", found.minimum, "C2"), ("steepest descent", found.steep, "C3")):
         ax.axvline(lr, color=color, linestyle="--", label=f"{rule}: {lr:.2g}")
     finite = found.smoothed[np.isfinite(found.smoothed)]
