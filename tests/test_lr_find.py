@@ -34,12 +34,16 @@ def test_the_rules_find_a_noisy_dip_where_it_is_not_where_a_running_average_puts
 
 
 def test_a_window_holding_a_loss_that_is_not_finite_is_not_a_minimum():
-    lrs = np.logspace(-3, 0, 31)
+    lrs = np.logspace(-3, 0, 31)  # 10 updates a decade: a window of 1.05 decades is 5 updates either side
     loss = np.linspace(2, 1, 31)
     loss[-1] = np.inf
-    smoothed = centered_average(lrs, loss)
-    assert np.isnan(smoothed[-6:]).all() and np.isfinite(smoothed[:-6]).all()  # half a decade: 5 updates either side
+    smoothed = centered_average(lrs, loss, decades=1.05)
+    assert np.isnan(smoothed[-6:]).all() and np.isfinite(smoothed[:-6]).all()
     assert suggestions(lrs, smoothed)[0] == pytest.approx(lrs[-7] / 10)
+    loss = np.concatenate([[np.inf], np.full(6, 2.0), 2.0 + np.arange(1, 25)])  # not finite first, lowest right after
+    smoothed = centered_average(lrs, loss, decades=1.05)
+    assert np.isnan(smoothed[:6]).all() and int(np.nanargmin(smoothed)) == 6
+    assert suggestions(lrs, smoothed) == pytest.approx((lrs[6] / 10, lrs[6]))  # no finite slope before it: its own LR
 
 
 def test_each_update_of_the_sweep_is_the_trainers_at_its_lr(demo_data, monkeypatch, tiny_recipe, quiet):

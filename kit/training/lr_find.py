@@ -98,12 +98,13 @@ def centered_average(lrs: np.ndarray, losses: np.ndarray, decades: float = WINDO
 
 def suggestions(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float]:
     """(minimum, steep): the LR of the lowest smoothed loss / 10, and the LR of the most negative slope of the smoothed
-    loss against log10(LR) before that lowest point."""
+    loss against log10(LR) before that lowest point (the lowest point's own LR when no slope before it is finite)."""
     finite = np.isfinite(smoothed)
     lowest = int(np.nanargmin(np.where(finite, smoothed, np.inf)))
     end = max(lowest, 2)
     slopes = np.gradient(smoothed[:end + 1], np.log10(lrs[:end + 1]))
-    return float(lrs[lowest] / 10), float(lrs[int(np.nanargmin(slopes))])
+    steepest = int(np.nanargmin(slopes)) if np.isfinite(slopes).any() else lowest  # no finite fall before the lowest
+    return float(lrs[lowest] / 10), float(lrs[steepest])
 
 
 def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "auto", start_lr: float = 1e-7,
