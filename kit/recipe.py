@@ -12,6 +12,7 @@ from kit.errors import KitError
 from kit.io import write_text
 from kit.typed import build, fraction, non_negative, positive, to_plain
 
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/ (editable install)
 KIT_VERSION = "0.5.0"  # kit.__version__, written into every checkpoint (pyproject.toml's version)
 DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 million parameters"
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars",

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from kit.cli import RECIPES_DIR
 from kit.data.formats import label_indices, read_npz, read_pixels
 from kit.errors import KitError
 from kit.recipe import DataSpec
@@ -48,7 +49,7 @@ def test_a_pickle_that_would_run_code_is_refused_everywhere_it_is_read(trained_r
     root = tmp_path / "data"
     shutil.copytree(demo_data, root)
     _hostile(root / "cifar-10-batches-py" / "data_batch_3", marker)
-    code, out = run("train", Path(__file__).parent.parent / "recipes" / "demo.yaml", "--data-root", root,
+    code, out = run("train", RECIPES_DIR / "demo.yaml", "--data-root", root,
                     "--runs", tmp_path / "runs", "--device", "cpu")
     assert_one_line_error(code, out, "data_batch_3: refused to unpickle posix.system")
     assert not (tmp_path / "runs").exists() and not marker.exists()

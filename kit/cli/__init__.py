@@ -24,9 +24,7 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, LR_FIND_RULES, LR_FIND_UPDATES, PRECISIONS, REPORT_MISTAKES
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
+from kit.recipe import DATA_FORMATS, LR_FIND_RULES, LR_FIND_UPDATES, PRECISIONS, RECIPES_DIR, REPORT_MISTAKES
 
 
 @click.group(cls=KitGroup)
@@ -82,13 +80,12 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     from kit.training.run import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
+    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
     if seeds:
-        _train_seeds(recipe, seeds, devices, jobs, tuple(overrides) + ((f"train.log={log}",) if log else ()), data_root,
-                     out_root, device, gpus)
+        _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, device, gpus)
         return
     if gpus > 1 and "LOCAL_RANK" not in os.environ:  # this very command again, one process per GPU, under torchrun
         sys.exit(distributed.launch(gpus, _without_gpus(click.get_current_context())))
-    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
     with distributed.process_group():  # kit train -> train/resume -> Run.fit (the run's loop) -> Trainer.update
         if resume_dir:
             run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)

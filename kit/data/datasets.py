@@ -125,8 +125,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-
-
 def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str = "val") -> Dataset:
     """The training set and the held-out images to score on: `val` (the recipe's validation: none gives an empty
     set) or `test` (the labelled test set)."""

@@ -18,9 +18,10 @@ import yaml
 
 from kit.data.datasets import _digits_rgb, demo_split, make_demo_data
 from kit.io import atomic_path, write_text
+from kit.recipe import RECIPES_DIR
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+DEMO_RECIPE = RECIPES_DIR / "demo.yaml"
 
 
 def make_demo_format(out_dir: str | Path, fmt: str = "cifar", seed: int = 0) -> Path:

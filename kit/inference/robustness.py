@@ -3,6 +3,7 @@
 a plot per corruption, and one line saying whether adaptation helps this model. A team measures it on its own
 labelled images before deciding how to predict a hidden set from another source."""
 
+import dataclasses
 from typing import Callable
 
 import pandas as pd
@@ -14,26 +15,25 @@ from kit.inference.adapt import adapt_batchnorm, batchnorm_layers
 from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import load_ensemble
 from kit.inference.evaluate import scored_images
-from kit.inference.scores import predict_probs, topk
+from kit.inference.scores import topk
 from kit.io import write_text
 
 COLUMNS = ["checkpoint", "corruption", "severity", "top1", "top1_adapted"]
 
 
-def _accuracy(model: torch.nn.Module, checkpoint: Checkpoint, images: torch.Tensor, labels: torch.Tensor, views: list,
-              batch_size: int, prec: Precision) -> float:
-    probs = predict_probs(model, images, checkpoint.mean.to(prec.device), checkpoint.std.to(prec.device), views, batch_size, prec)
-    return topk(probs, labels.cpu(), 1)
+def _accuracy(checkpoint: Checkpoint, images: torch.Tensor, labels: torch.Tensor, views: list, batch_size: int,
+              prec: Precision) -> float:
+    return topk(checkpoint.probs(images, views, batch_size, prec), labels.cpu(), 1)
 
 
 def score_under_shift(checkpoint: Checkpoint, images: torch.Tensor, labels: torch.Tensor, views: list, batch_size: int,
                       prec: Precision, prior: float) -> tuple[float, float]:
     """(accuracy as trained, accuracy with its BatchNorm statistics re-estimated on these images; NaN without BatchNorm)."""
-    plain = _accuracy(checkpoint.model, checkpoint, images, labels, views, batch_size, prec)
+    plain = _accuracy(checkpoint, images, labels, views, batch_size, prec)
     if not batchnorm_layers(checkpoint.model):
         return plain, float("nan")
     adapted = adapt_batchnorm(checkpoint.model, images, checkpoint.mean, checkpoint.std, prec, batch_size, prior, checkpoint.name)
-    return plain, _accuracy(adapted, checkpoint, images, labels, views, batch_size, prec)
+    return plain, _accuracy(dataclasses.replace(checkpoint, model=adapted), images, labels, views, batch_size, prec)
 
 
 def robustness(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = "none",

@@ -1,5 +1,5 @@
-"""The training update, the Trainer that owns everything it touches (built by `build_trainer`), and batched
-inference. Knows nothing about run directories or the CLI.
+"""The training update and the Trainer that owns everything it touches (built by `build_trainer`). Knows nothing
+about run directories, inference or the CLI (scoring is kit.inference.scores).
 
 One update, in order, in `Trainer.update`: zero_grad -> batch of this epoch's permutation -> augment ->
 forward + loss -> backward -> clip -> optimizer step at this update's LR -> EMA -> device-side sums.

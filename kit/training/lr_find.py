@@ -22,7 +22,7 @@ import torch
 from kit.data.datasets import load_dataset
 from kit.device import resolve_device
 from kit.errors import KitError
-from kit.recipe import LR_FIND_RULES, LR_FIND_UPDATES, Recipe, with_num_classes
+from kit.recipe import LR_FIND_RULES, LR_FIND_UPDATES, Recipe
 from kit.training.engine import build_trainer
 from kit.training.run import check_batch, silent, with_data_root
 
@@ -117,9 +117,8 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
                        f"and diverge > 1 ({diverge:g})")
     recipe = with_data_root(recipe, data_root)
     dataset = load_dataset(recipe.data)
-    recipe = with_num_classes(recipe, len(dataset.classes), recipe.name)
     check_batch(recipe, len(dataset.train))
-    trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)
+    trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)  # sizes the head to the data
     lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
     trainer.lr.use_table(torch.from_numpy(lrs))
     sums = torch.zeros(updates, device=trainer.prec.device)  # each update's running epoch sum, read every CHECK_EVERY
@@ -135,7 +134,7 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
             running = running_average(losses)
             finite = running[np.isfinite(running)]
             diverged = not np.isfinite(running[-1]) or running[-1] > diverge * finite.min()
-    losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
+    # the loop ends only after a check (done == updates, or a divergence found by one): `losses` holds every update run
     smoothed = centered_average(lrs[:done], losses)
     if not np.isfinite(smoothed).any():
         raise KitError(f"{recipe.name}: the loss was not finite from the first update (at LR {start_lr:g}); lower --start-lr")
