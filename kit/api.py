@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from kit.inference.plots import show
-from kit.recipe import LR_FIND_UPDATES, Recipe, load_recipe
+from kit.recipe import LR_FIND_UPDATES, Recipe, check_argument, check_arguments, load_recipe
 
 
 def overrides_of(overrides: dict) -> tuple[str, ...]:
@@ -57,6 +57,7 @@ def train(recipe: str | Path | Recipe, data_root: str | Path | None = None, runs
           echo: Callable[[str], None] = print, **overrides) -> Run:
     """kit train: a new run directory under `runs`."""
     from kit.training import run
+    check_argument("device", device)
     return Run(Path(run.train(_recipe(recipe, overrides), data_root, runs, device, echo=echo)))
 
 
@@ -65,6 +66,7 @@ def predict(checkpoints: list[str | Path] | str | Path, test: str | Path, out: s
     """kit predict: writes the submission (and its .probs.npz) and returns it as written (every cell as text).
     `options`: tta, blend, weights_from, template, batch_size, device, adapt_bn, adapt_prior, precision, fmt."""
     from kit.inference.predict import predict as run_predict
+    check_arguments(options)
     path = run_predict([str(c) for c in _listed(checkpoints)], str(test), out=None if out is None else str(out), echo=echo,
                        **options)
     return pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -73,6 +75,7 @@ def predict(checkpoints: list[str | Path] | str | Path, test: str | Path, out: s
 def evaluate(checkpoints: list[str | Path] | str | Path, echo: Callable[[str], None] = print, **options) -> pd.DataFrame:
     """kit evaluate: top-1 (and top-5) of each checkpoint and the ensemble, as a DataFrame."""
     from kit.inference.evaluate import evaluate as run_evaluate
+    check_arguments(options)
     return run_evaluate([str(c) for c in _listed(checkpoints)], echo=echo, **options)
 
 
@@ -80,6 +83,7 @@ def report(checkpoints: list[str | Path] | str | Path, echo: Callable[[str], Non
     """kit report: the report folders written (REPORT.md, tables, the mistakes as pictures); the first run's worst
     mistakes display inline in a notebook."""
     from kit.inference.report import report as run_report
+    check_arguments(options)
     written = run_report([str(c) for c in _listed(checkpoints)], echo=echo, **options)
     if (written[0] / "worst_mistakes.png").is_file():
         show(written[0] / "worst_mistakes.png")
@@ -90,6 +94,7 @@ def blend(labelled: list[str | Path], unlabelled: list[str | Path], out: str | P
           **options) -> pd.DataFrame:
     """kit blend: writes the blended submission and returns it as written."""
     from kit.inference.blend import blend as run_blend
+    check_arguments(options)
     path = run_blend([str(p) for p in labelled], [str(p) for p in unlabelled], str(out), echo=echo, **options)
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
@@ -99,6 +104,7 @@ def lr_find(recipe: str | Path | Recipe, data_root: str | Path | None = None, de
             echo: Callable[[str], None] = print, **overrides):
     """kit lr-find: the sweep (LRFind: lrs, losses, smoothed, minimum, steep; .plot() draws it, inline in a notebook)."""
     from kit.training.lr_find import lr_find as run_lr_find
+    check_arguments({"device": device, "updates": updates, "start_lr": start_lr, "end_lr": end_lr, "diverge": diverge})
     return run_lr_find(_recipe(recipe, overrides), data_root, device, start_lr, end_lr, updates, diverge, echo=echo)
 
 

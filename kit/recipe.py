@@ -10,7 +10,7 @@ import yaml
 
 from kit.errors import KitError
 from kit.io import write_text
-from kit.typed import build, fraction, non_negative, positive, to_plain
+from kit.typed import build, describe_range, fraction, in_range, non_negative, positive, safe_yaml, to_plain
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/ (editable install)
 KIT_VERSION = "0.5.0"  # kit.__version__, written into every checkpoint (pyproject.toml's version)
@@ -203,7 +203,7 @@ def _blame(message: str, overrides: tuple[str, ...]) -> str:
     """' (from --set KEY=VALUE)' when the failing key was overridden on the command line."""
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if f" {key}:" in message or f"'{key}'" in message or f" {key}[" in message:
+        if any(f"{before}{key}{after}" in message for before, after in ((" ", ":"), ("'", "'"), (" ", "["), (" ", "."))):
             return f" (from --set {item})"
     return ""
 
@@ -214,7 +214,7 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
     if not path.is_file():
         raise KitError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise KitError(f"{path}: not a UTF-8 text file (byte {err.start}); a recipe is YAML text") from None
     except OSError as err:
@@ -254,7 +254,7 @@ def apply_override(raw: dict, item: str) -> None:
 def parse_value(text: str, where: str):
     """A command-line value read as YAML, with YAML 1.1's gap closed: `1e-9` (no dot) is a float, not a string."""
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, where)
     except yaml.YAMLError:
         raise KitError(f"{where}: the value is not valid YAML") from None
     if isinstance(value, str):
@@ -334,3 +334,69 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain-dict form, stored in checkpoints."""
     return to_plain(recipe)
+
+
+# The command-line flags' and the Python API's arguments: their choices and ranges, owned once (kit.cli and kit.api
+# read them), so a value one refuses the other refuses in the same one line. Numbers must be finite (kit.typed.in_range).
+
+DEVICES = ("auto", "cpu", "cuda")  # --device (kit.device.resolve_device)
+
+
+@dataclass(frozen=True)
+class Argument:
+    flag: str  # how the command line spells it
+    choices: tuple = ()  # the allowed values, or () for a number
+    kind: type | None = None  # int or float, for a number
+    limits: dict = field(default_factory=dict)  # min, max, gt, lt (kit.typed's names)
+
+    def describe(self) -> str:
+        return f"one of {', '.join(map(str, self.choices))}" if self.choices else describe_range(self.limits)
+
+
+ARGUMENTS = {
+    "held_out": Argument("--held-out", HELD_OUT),
+    "tta": Argument("--tta", TTA_MODES),
+    "weights_from": Argument("--weights-from", WEIGHTS_FROM + tuple(OLD_WEIGHTS_FROM)),
+    "precision": Argument("--precision", PRECISIONS),
+    "device": Argument("--device", DEVICES),
+    "rule": Argument("--rule", LR_FIND_RULES),
+    "labels": Argument("--labels", LABEL_STYLES),
+    "select_on": Argument("--select-on", kind=float, limits={"gt": 0, "max": 1}),
+    "adapt_prior": Argument("--adapt-prior", kind=float, limits={"min": 0}),
+    "batch_size": Argument("--batch-size", kind=int, limits={"min": 1}),
+    "rounds": Argument("--rounds", kind=int, limits={"min": 1}),
+    "mistakes": Argument("--mistakes", kind=int, limits={"min": 1}),
+    "updates": Argument("--updates", kind=int, limits={"min": 10}),
+    "start_lr": Argument("--start-lr", kind=float, limits={"gt": 0}),
+    "end_lr": Argument("--end-lr", kind=float, limits={"gt": 0}),
+    "diverge": Argument("--diverge", kind=float, limits={"gt": 1}),
+}
+
+
+def check_argument(name: str, value: Any, spelled: str | None = None) -> Any:
+    """`value` if ARGUMENTS[name] allows it (None always: the default), else one KitError naming it as `spelled`
+    (the flag, or `name=` from Python)."""
+    arg, spelled = ARGUMENTS[name], spelled or f"{name}="
+    if value is None:
+        return value
+    if arg.choices:
+        if not isinstance(value, str) or value not in arg.choices:
+            raise KitError(f"{spelled} {value!r}: not allowed; choose {arg.describe()}")
+        return value
+    number = value
+    if arg.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise KitError(f"{spelled} {value!r}: expected a whole number ({arg.describe()})")
+    if arg.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KitError(f"{spelled} {value!r}: expected a number ({arg.describe()})")
+        number = float(value)
+    if not in_range(number, arg.limits):
+        raise KitError(f"{spelled} {value!r}: out of range; allowed: {arg.describe()}")
+    return number
+
+
+def check_arguments(values: dict[str, Any]) -> None:
+    """Every value whose name ARGUMENTS owns, checked as from Python (`select_on=`)."""
+    for name, value in values.items():
+        if name in ARGUMENTS:
+            check_argument(name, value)

@@ -5,9 +5,12 @@ Range limits live in field metadata: `field(default=..., metadata={"min": 0, "gt
 """
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
+
+import yaml
 
 from kit.errors import KitError
 
@@ -56,6 +59,7 @@ def convert(hint: Any, value: Any, source: str, key: str) -> Any:
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise KitError(f"{source}: {key}: expected a mapping, got {_show(value)}")
+        _check_finite_inside(value, source, key)
         return dict(value)
     return _convert_scalar(hint, value, source, key)
 
@@ -78,7 +82,10 @@ def _convert_scalar(hint: type, value: Any, source: str, key: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer beyond any float
+            raise KitError(f"{source}: {key}: {_show(value)} is out of range; allowed: a finite number") from None
     elif hint is str:
         ok = isinstance(value, str)
     else:
@@ -89,26 +96,43 @@ def _convert_scalar(hint: type, value: Any, source: str, key: str) -> Any:
 
 
 def _check_range(value: Any, field: dataclasses.Field, source: str, key: str) -> Any:
-    meta = field.metadata
-    if value is None or not meta or isinstance(value, (str, bool, dict)):
+    if value is None or isinstance(value, (str, bool, dict)):
         return value
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
-        if not isinstance(item, (int, float)):
-            continue
-        bad = (("min" in meta and item < meta["min"]) or ("max" in meta and item > meta["max"])
-               or ("gt" in meta and item <= meta["gt"]) or ("lt" in meta and item >= meta["lt"]))
-        if bad:
-            raise KitError(f"{source}: {key}: {_show(value)} is out of range; allowed: {_describe(meta)}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and not in_range(item, field.metadata):
+            raise KitError(f"{source}: {key}: {_show(value)} is out of range; allowed: {describe_range(field.metadata)}")
     return value
 
 
-def _describe(meta: typing.Mapping) -> str:
+def in_range(number: float, meta: typing.Mapping) -> bool:
+    """Whether `number` is finite (NaN and inf pass no comparison a range could make) and within `meta`'s limits: the
+    one range rule of recipes, command-line values and API arguments (kit.recipe.ARGUMENTS)."""
+    if isinstance(number, float) and not math.isfinite(number):
+        return False
+    return not (("min" in meta and number < meta["min"]) or ("max" in meta and number > meta["max"])
+                or ("gt" in meta and number <= meta["gt"]) or ("lt" in meta and number >= meta["lt"]))
+
+
+def _check_finite_inside(value: Any, source: str, key: str) -> None:
+    """A free-form mapping (model.args) holds finite numbers only: NaN or inf would reach the model's constructor."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise KitError(f"{source}: {key}: {_show(value)} is out of range; allowed: a finite number")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite_inside(item, source, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite_inside(item, source, f"{key}[{i}]")
+
+
+def describe_range(meta: typing.Mapping) -> str:
+    """What a range allows, e.g. 'a finite number > 0 and <= 1'."""
     parts = []
     for name, op in (("gt", ">"), ("min", ">="), ("lt", "<"), ("max", "<=")):
         if name in meta:
             parts.append(f"{op} {meta[name]}")
-    return " and ".join(parts)
+    return "a finite number" + (" " + " and ".join(parts) if parts else "")
 
 
 def _show(value: Any) -> str:
@@ -140,3 +164,39 @@ def fraction(default: Any, open_ends: bool = True) -> Any:
     """A field in (0, 1) (or [0, 1] with open_ends=False)."""
     meta = {"gt": 0, "lt": 1} if open_ends else {"min": 0, "max": 1}
     return dataclasses.field(default=default, metadata=meta)
+
+
+YAML_MAX_NODES = 100_000  # values in a recipe once its aliases are expanded (a real recipe has a few hundred)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """YAML read with yaml.safe_load's constructors, after counting the values it would build with every alias
+    expanded: nested aliases (a "billion laughs") name a few bytes but expand to gigabytes once a recipe is copied,
+    validated or saved, so more than YAML_MAX_NODES is one KitError before anything is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        count = _expanded_size(node, {})
+        if count > YAML_MAX_NODES:
+            raise KitError(f"{source}: its aliases expand to over {YAML_MAX_NODES:,} values (a recipe holds a few "
+                           f"hundred): refused before building it")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with its aliases expanded; shared nodes are counted once per use, computed once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = YAML_MAX_NODES + 1  # a node reached again while being counted is a recursive alias: too large
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = min(size, YAML_MAX_NODES + 1)
+    return sizes[id(node)]

@@ -257,13 +257,3 @@ def test_text_that_only_looks_like_an_integer_is_a_name_not_a_crash(tmp_path):
             label_indices(["one", bad], ["zero", "one"], Path("t.csv"), ["row 2", "row 3"])
     (tmp_path / "sample.csv").write_text("id,label\n--7,cat\n5,dog\n")
     assert format_from_template(tmp_path / "sample.csv").order == ("--7", "5")
-
-
-def test_the_command_lines_choice_lists_are_the_modules():
-    """Each choice list has one owner, kit.recipe (no torch to import to parse arguments), which the CLI and the modules
-    that check the choices both read: no copy can drift."""
-    from kit import recipe
-    from kit.cli import options as cli
-    from kit.inference import submission
-    assert cli.LABEL_STYLES is submission.LABEL_STYLES is recipe.LABEL_STYLES and cli.HELD_OUT is recipe.HELD_OUT
-    assert not any(name in vars(cli) for name in ("DEMO_FORMATS",)) and "DEMO_FORMATS" not in vars(__import__("kit.data.demo").data.demo)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +193,116 @@ def test_the_fuzzers_reach_valid_sets_too(name, tmp_path):
         np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array(["cat", "dog"]))
         read = read_npz(tmp_path / "a.npz", DataSpec(format="npz", train="a.npz", image_size=4), "train")
     _valid_read(read)
+
+
+# The readers issue 40 added or hardened: checkpoints (.pt fields, safetensors metadata), YAML with aliases, image
+# files of every mode, and the API's arguments.
+
+def _tiny_payload() -> dict:
+    """A valid checkpoint payload of a tiny model (built once per test)."""
+    from kit.cli import RECIPES_DIR
+    from kit.models import build_model
+    from kit.models.registry import count_parameters
+    from kit.recipe import load_recipe, recipe_as_dict, with_num_classes
+    recipe = with_num_classes(load_recipe(RECIPES_DIR / "demo.yaml", ("model.args.width=0.125",)), 10, "demo")
+    model = build_model(recipe)
+    return {"model": model.state_dict(), "ema": None, "recipe": recipe_as_dict(recipe), "classes": [str(i) for i in range(10)],
+            "mean": [0.5] * 3, "std": [0.25] * 3, "num_params": count_parameters(model), "best_weights_from": "raw"}
+
+
+FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(), st.text(max_size=6),
+                         st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3), st.floats()), max_size=11),
+                         st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.floats()), max_size=3),
+                         st.just({"w": torch.full((2,), float("nan"))}), st.just({"fc.bias": torch.zeros(3)}))
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(["model", "ema", "recipe", "classes", "mean", "std", "num_params",
+                                                "best_weights_from", "weights_from"]),
+                               st.one_of(st.just("<delete>"), FIELD_VALUES), max_size=3))
+def test_checkpoints(changes):
+    from kit.inference.checkpoint import load_checkpoint
+    payload = _tiny_payload()
+    for key, value in changes.items():
+        payload.pop(key, None) if value == "<delete>" else payload.__setitem__(key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.pt"
+        torch.save(payload, path)
+
+        def valid(checkpoint):
+            assert checkpoint.classes == [str(i) for i in range(10)] and len(set(checkpoint.classes)) == 10
+            assert all(torch.isfinite(p).all() for p in checkpoint.model.state_dict().values() if p.is_floating_point())
+        _reads_or_refuses(lambda: load_checkpoint(path, "better", torch.device("cpu")), valid)
+
+
+@FUZZ
+@given(meta=st.dictionaries(st.sampled_from(["format", "recipe", "classes", "mean", "std", "num_params", "weights_from", "x"]),
+                            st.one_of(st.text(max_size=8), st.sampled_from(["kit-weights-1", "raw", "ema", "[0.5, 0.5, 0.5]",
+                                                                            "null", "{", "[\"a\", \"a\"]", "12", "-1"])),
+                            max_size=8))
+def test_safetensors_metadata(meta):
+    from safetensors.torch import save_file
+
+    from kit.inference.checkpoint import load_checkpoint
+    payload = _tiny_payload()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in payload["model"].items()}, str(path), metadata=meta)
+        _reads_or_refuses(lambda: load_checkpoint(path, "better", torch.device("cpu")))
+
+
+def _aliases(depth: int, width: int) -> str:
+    lines = ["  a0: &a0 [x, y]"] + [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, depth)]
+    return "model:\n  args:\n" + "\n".join("  " + line for line in lines) + "\n"
+
+
+@FUZZ
+@given(depth=st.integers(1, 9), width=st.integers(1, 12), tail=st.sampled_from(["", "optim: {lr: .nan}\n", "x: &r [*r]\n"]))
+def test_recipes_with_aliases(depth, width, tail):
+    from kit.recipe import load_recipe
+    from kit.typed import YAML_MAX_NODES
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(_aliases(depth, width) + tail)
+        _reads_or_refuses(lambda: load_recipe(path))
+        if 2 * width ** (depth - 1) > YAML_MAX_NODES:
+            with pytest.raises(KitError, match="aliases expand to over"):
+                load_recipe(path)
+
+
+IMAGE_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
+
+
+@FUZZ
+@given(mode=st.sampled_from(IMAGE_MODES), size=st.sampled_from([(4, 4), (4, 5), (1, 1)]), suffix=st.sampled_from([".png", ".tiff", ".bmp"]),
+       raw=st.binary(max_size=30), seed=st.integers(0, 3), channels=st.sampled_from([1, 3]))
+def test_image_files(mode, size, suffix, raw, seed, channels):
+    from PIL import Image
+
+    from kit.data.formats import decode_images
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"i{suffix}"
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).convert(mode)
+        try:
+            image.save(path)
+        except (OSError, KeyError, ValueError):  # a mode this format cannot hold: the raw bytes below still test it
+            path.write_bytes(raw)
+        for content in (None, b"\x89PNG\r\n\x1a\n" + raw):
+            if content is not None:
+                path.write_bytes(content)
+            images = _reads_or_refuses(lambda: decode_images([path], 4, channels))
+            assert images is None or (images.dtype == torch.uint8 and tuple(images.shape) == (1, channels, 4, 4))
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(__import__("kit.recipe").recipe.ARGUMENTS)),
+       value=st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.floats(), st.text(max_size=12),
+                       st.sampled_from(["val", "test", "flip", "better", "cpu", "minimum", "index"])))
+def test_api_arguments(name, value):
+    from kit.recipe import ARGUMENTS, check_argument
+    from kit.typed import in_range
+
+    def valid(checked):
+        arg = ARGUMENTS[name]
+        assert checked is None or (checked in arg.choices if arg.choices else in_range(checked, arg.limits))
+    _reads_or_refuses(lambda: check_argument(name, value), valid)

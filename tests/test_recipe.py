@@ -59,10 +59,10 @@ def test_unknown_nested_key_names_dotted_path_and_valid_keys(write_recipe):
 @pytest.mark.parametrize("text, message", [
     ("train:\n  epochs: three\n", r"train\.epochs: expected int, got 'three'"),
     ("train:\n  epochs: true\n", r"train\.epochs: expected int, got True"),
-    ("train:\n  epochs: 0\n", r"train\.epochs: 0 \(int\) is out of range; allowed: > 0"),
+    ("train:\n  epochs: 0\n", r"train\.epochs: 0 \(int\) is out of range; allowed: a finite number > 0"),
     ("optim:\n  lr: -1\n", r"optim\.lr: -1\.0 \(float\) is out of range"),
     ("optim:\n  name: sgdd\n", r"optim\.name: 'sgdd' \(str\) is not allowed; choose one of sgd, momentum, adam"),
-    ("data:\n  val_fraction: 1.5\n", r"data\.val_fraction: 1\.5 .* out of range; allowed: > 0 and < 1"),
+    ("data:\n  val_fraction: 1.5\n", r"data\.val_fraction: 1\.5 .* out of range; allowed: a finite number > 0 and < 1"),
     ("schedule:\n  name: multistep\n", r"schedule\.milestones: a multistep schedule needs"),
     ("schedule:\n  milestones: [40, 30]\n", r"must be increasing"),
     ("budget:\n  max_params: null\n", r"budget\.reason must say why"),

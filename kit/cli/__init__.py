@@ -10,12 +10,16 @@ from kit import __version__
 from kit.cli.options import (
     KitGroup,
     adapt_options,
+    argument_type,
+    batch_size_option,
     checkpoints_argument,
     class_list,
     device_option,
     devices_option,
     held_out_option,
     precision_option,
+    rounds_option,
+    select_on_option,
     set_option,
     submission_format,
     submission_options,
@@ -24,7 +28,7 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, LR_FIND_RULES, LR_FIND_UPDATES, PRECISIONS, RECIPES_DIR, REPORT_MISTAKES
+from kit.recipe import DATA_FORMATS, LR_FIND_UPDATES, RECIPES_DIR, REPORT_MISTAKES
 
 
 @click.group(cls=KitGroup)
@@ -210,20 +214,20 @@ def data_download_cmd(dataset, out_dir):
 @cli.command("bench")
 @click.argument("recipe")
 @set_option
-@click.option("--updates", default=50, show_default=True, help="Timed updates per loop.")
+@click.option("--updates", "timed", type=click.IntRange(min=1), default=50, show_default=True, help="Timed updates per loop.")
 @click.option("--untimed", default=10, show_default=True, help="Untimed updates first (compilation, graph capture).")
-@click.option("--batch-size", type=int, help="Measure both loops at this batch size instead of the recipe's.")
+@click.option("--batch-size", type=argument_type("batch_size"), help="Measure both loops at this batch size instead of the recipe's.")
 @click.option("--data-root", metavar="DIR", help="Real data (default: random images of the same size).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
+@click.option("--precision", type=argument_type("precision"),
               help="The kit engine's precision (default: the recipe's train.precision).")
 @device_option
-def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precision, device):
+def bench_cmd(recipe, overrides, timed, untimed, batch_size, data_root, precision, device):
     """Training images/s of the kit engine vs a seed-style DataLoader loop and their ratio, the eager update's
     breakdown (augmentation, forward + backward, optimizer + EMA) and the model's floor (FLOPs, activation bytes)."""
     from kit.recipe import load_recipe
     from kit.training.bench import bench
     overrides = tuple(overrides) + ((f"train.precision={precision}",) if precision else ())
-    bench(load_recipe(recipe, overrides), updates=updates, batch_size=batch_size, data_root=data_root, device=device,
+    bench(load_recipe(recipe, overrides), updates=timed, batch_size=batch_size, data_root=data_root, device=device,
           untimed=untimed)
 
 
@@ -231,13 +235,13 @@ def bench_cmd(recipe, overrides, updates, untimed, batch_size, data_root, precis
 @click.argument("recipe")
 @set_option
 @click.option("--data-root", metavar="DIR", help="Default: the recipe's data.root.")
-@click.option("--updates", type=click.IntRange(min=10), default=LR_FIND_UPDATES, show_default=True,
+@click.option("--updates", type=argument_type("updates"), default=LR_FIND_UPDATES, show_default=True,
               help="Updates the sweep is planned for.")
-@click.option("--start-lr", type=float, default=1e-7, show_default=True)
-@click.option("--end-lr", type=float, default=10.0, show_default=True)
-@click.option("--diverge", type=float, default=4.0, show_default=True,
+@click.option("--start-lr", type=argument_type("start_lr"), default=1e-7, show_default=True)
+@click.option("--end-lr", type=argument_type("end_lr"), default=10.0, show_default=True)
+@click.option("--diverge", type=argument_type("diverge"), default=4.0, show_default=True,
               help="Stop once the running average of the loss passes this x its lowest.")
-@click.option("--rule", type=click.Choice(LR_FIND_RULES), default="minimum", show_default=True,
+@click.option("--rule", type=argument_type("rule"), default="minimum", show_default=True,
               help="minimum: the LR of the lowest smoothed loss / 10; steep: where the smoothed loss falls fastest.")
 @click.option("--out", metavar="PNG", help="The plot.  [default: lr_find/<recipe>.png]")
 @device_option
@@ -261,7 +265,7 @@ def lr_find_cmd(recipe, overrides, data_root, updates, start_lr, end_lr, diverge
 @weights_from_option
 @click.option("--out", metavar="CSV", help="Default: submissions/<recipe>.csv (one checkpoint) or submissions/ensemble.csv.")
 @with_options(submission_options)
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per inference batch.  [default: the recipe's predict.batch_size]")
+@batch_size_option
 @with_options(adapt_options)
 @precision_option
 @device_option
@@ -282,9 +286,8 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
 @click.option("--unlabelled", multiple=True, required=True, metavar="NPZ",
               help="The same models' probabilities on the test set (kit predict writes CSV.probs.npz), in the same order.")
 @click.option("--out", required=True, metavar="CSV", help="The submission CSV (its .probs.npz goes beside it).")
-@click.option("--rounds", default=20, show_default=True, help="Greedy selection rounds.")
-@click.option("--select-on", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
-              help="Choose the weights on this stratified share of the labelled images; report on the rest.")
+@rounds_option
+@select_on_option(0.5)
 @with_options(submission_options)
 @click.option("--classes", metavar="A,B,...", help="The class names, when the probability files carry none (a names template needs them).")
 def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column, classes):
@@ -302,14 +305,13 @@ def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id
 @held_out_option
 @tta_option
 @click.option("--select", is_flag=True, help="Greedy ensemble selection with replacement (Caruana et al., 2004).")
-@click.option("--rounds", default=20, show_default=True, help="Selection rounds.")
-@click.option("--select-on", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Choose the blend on this stratified share of the images; report on the rest.")
+@rounds_option
+@select_on_option(1.0)
 @click.option("--select-out", metavar="JSON", help="Write the selected blend here, for kit predict --blend.")
 @click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
 @click.option("--probs-out", metavar="NPZ", help="Write each checkpoint's probabilities and the labels here, for kit blend.")
 @weights_from_option
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per inference batch.  [default: the recipe's predict.batch_size]")
+@batch_size_option
 @with_options(adapt_options)
 @click.option("--corrupt", is_flag=True, help="Robustness instead: accuracy under 7 generated corruptions x severities 1-5, "
                                               "with and without --adapt-bn, and whether adaptation helps.")
@@ -373,7 +375,7 @@ def check_submission_cmd(csv_path, test_path, template, labels, id_column, label
 @click.option("--report-dir", metavar="DIR", help="Write DIR/<run>/ (default: RUN/report/).")
 @held_out_option
 @tta_option
-@click.option("--mistakes", type=click.IntRange(min=1), default=REPORT_MISTAKES, show_default=True,
+@click.option("--mistakes", type=argument_type("mistakes"), default=REPORT_MISTAKES, show_default=True,
               help="How many of the worst mistakes (and most-disagreed test images) to show.")
 @click.option("--test", "test_path", metavar="PATH",
               help="An unlabelled test set: with several checkpoints, the images their members disagree on most.")

@@ -6,7 +6,7 @@ import click
 
 from kit.errors import KitError
 from kit.faults import Stopped
-from kit.recipe import HELD_OUT, LABEL_STYLES, OLD_WEIGHTS_FROM, PRECISIONS, TTA_MODES, WEIGHTS_FROM
+from kit.recipe import ARGUMENTS, OLD_WEIGHTS_FROM, check_argument
 
 
 class KitGroup(click.Group):
@@ -36,11 +36,38 @@ class KitGroup(click.Group):
             sys.exit(err.exit_code)
 
 
+class Checked(click.ParamType):
+    """A number flag read by its rule in kit.recipe.ARGUMENTS (the API's rule too): a bad value is one line, exit 2."""
+
+    def __init__(self, name: str):
+        self.argument = name
+        self.name = ARGUMENTS[name].kind.__name__
+
+    def convert(self, value, param, ctx):
+        arg = ARGUMENTS[self.argument]
+        if isinstance(value, str):
+            try:
+                value = arg.kind(value.strip())
+            except ValueError:
+                raise KitError(f"{arg.flag} {value!r}: expected a {'whole ' if arg.kind is int else ''}number "
+                               f"({arg.describe()})") from None
+        return check_argument(self.argument, value, arg.flag)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"{self.name.upper()} ({ARGUMENTS[self.argument].describe()})"
+
+
+def argument_type(name: str) -> click.ParamType:
+    """The click type of an ARGUMENTS entry: its choices, or its checked number."""
+    arg = ARGUMENTS[name]
+    return click.Choice(arg.choices) if arg.choices else Checked(name)
+
+
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a recipe field, e.g. --set optim.lr=0.05 (repeatable).")
-tta_option = click.option("--tta", type=click.Choice(TTA_MODES),
+tta_option = click.option("--tta", type=argument_type("tta"),
                           help="Test-time augmentation views (default: the first run's recipe, predict.tta).")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+device_option = click.option("--device", type=argument_type("device"), default="auto", show_default=True)
 
 
 def device_list(ctx, param, value) -> tuple[str, ...]:
@@ -49,19 +76,19 @@ def device_list(ctx, param, value) -> tuple[str, ...]:
 
 devices_option = click.option("--devices", callback=device_list, metavar="I,J,...",
                               help="GPUs to spread the processes over (CUDA indices), each process pinned to one.")
-precision_option = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+precision_option = click.option("--precision", type=argument_type("precision"), default="auto",
                                 show_default=True, help="auto: bf16 where the GPU runs it natively, fp16 on compute "
                                                         "capability 7.x (T4, V100), fp32 below and on the CPU.")
 
 
-weights_from_option = click.option("--weights-from", type=click.Choice(WEIGHTS_FROM + tuple(OLD_WEIGHTS_FROM)), default="better",
+weights_from_option = click.option("--weights-from", type=argument_type("weights_from"), default="better",
                                    show_default=True, callback=lambda ctx, param, value: OLD_WEIGHTS_FROM.get(value, value),
                                    help="Which weights of each checkpoint: the better of raw and EMA at its epoch, EMA or raw "
                                         "(best: the old name of better).")
 adapt_options = [
     click.option("--adapt-bn", is_flag=True, help="Re-estimate each checkpoint's BatchNorm statistics on the images first "
                                                    "(test-time adaptation for a shifted set; the files are unchanged)."),
-    click.option("--adapt-prior", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="N",
+    click.option("--adapt-prior", type=argument_type("adapt_prior"), default=0.0, show_default=True, metavar="N",
                  help="With --adapt-bn: prior strength N of the training statistics (Schneider et al.): they weigh N/(N+n)."),
 ]
 
@@ -74,15 +101,23 @@ def with_options(options):
     return wrap
 
 
-held_out_option = click.option("--held-out", type=click.Choice(HELD_OUT), default="val", show_default=True,
+held_out_option = click.option("--held-out", type=argument_type("held_out"), default="val", show_default=True,
                                help="The labelled images scored: val, each run's validation set; test, the labelled test set.")
 checkpoints_argument = click.argument("checkpoints", nargs=-1, required=True)
+batch_size_option = click.option("--batch-size", type=argument_type("batch_size"),
+                                 help="Images per inference batch.  [default: the recipe's predict.batch_size]")
+rounds_option = click.option("--rounds", type=argument_type("rounds"), default=20, show_default=True, help="Greedy selection rounds.")
+
+
+def select_on_option(default: float):
+    return click.option("--select-on", type=argument_type("select_on"), default=default, show_default=True,
+                        help="Choose the blend on this stratified share of the labelled images; report on the rest.")
 
 
 submission_options = [
     click.option("--template", metavar="CSV", help="The competition's sample submission: its header, id column, row order "
                                                    "and label style (names, indices, probabilities) are followed."),
-    click.option("--labels", type=click.Choice(LABEL_STYLES), help="Without --template: class index, class name, or one "
+    click.option("--labels", type=argument_type("labels"), help="Without --template: class index, class name, or one "
                                                                    "probability column per class.  [default: index]"),
     click.option("--id-column", help="Without --template: the id column's header.  [default: ID]"),
     click.option("--label-column", help="Without --template: the label column's header.  [default: Labels]"),

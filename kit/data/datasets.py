@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from kit.data import safe_pickle
-from kit.data.formats import class_indices
+from kit.data.formats import class_indices, clean_ids
 from kit.errors import KitError
 from kit.io import atomic_path, write_text
 from kit.recipe import DataSpec
@@ -222,10 +222,7 @@ def read_test_ids(path: str | Path) -> np.ndarray:
     obj = read_pickle(path, "the competition test pickle {b'data', b'ids'}")
     if b"ids" not in obj:
         raise KitError(f"{path}: no b'ids' entry")
-    ids = as_array(path, obj, b"ids")
-    if ids.ndim != 1:
-        raise KitError(f"{path}: b'ids' has shape {ids.shape}; expected one id per image")
-    return ids
+    return clean_ids(path, obj[b"ids"], "b'ids'")
 
 
 def is_pickle(path: Path) -> bool:
@@ -245,10 +242,10 @@ def read_test_pickle(path: str | Path, size: int = 32, channels: int = 3) -> Tes
     for key in (b"data", b"ids"):
         if key not in obj:
             raise KitError(f"{path}: no {key!r} entry; expected {what}")
-    data, ids = as_array(path, obj, b"data"), as_array(path, obj, b"ids")
-    images, layout = to_chw(path, data, size, channels, "b'data'")
-    if ids.ndim != 1 or len(ids) != len(images) or not len(images) or ids.dtype.kind not in "iuUSO":
-        raise KitError(f"{path}: {len(images)} images but b'ids' has shape {ids.shape} ({ids.dtype}); expected one id per image")
+    images, layout = to_chw(path, as_array(path, obj, b"data"), size, channels, "b'data'")
+    ids = clean_ids(path, obj[b"ids"], "b'ids'")
+    if len(ids) != len(images) or not len(images):
+        raise KitError(f"{path}: {len(images)} images but {len(ids)} ids in b'ids'; expected one id per image")
     return TestSet(ids, torch.from_numpy(np.ascontiguousarray(images)), layout)
 
 

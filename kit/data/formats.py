@@ -71,6 +71,75 @@ def class_indices(path: Path, values, key) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+LARGEST_FLOAT_ID = 2**53  # a float id beyond this is no longer one whole number
+
+
+def clean_ids(path: Path, ids, key: str = "ids") -> np.ndarray:
+    """Ids as the competition wrote them, checked where they enter: integers (whole-number floats such as 1.0 become
+    the integer 1, never `1.0` in a submission), or text (bytes decoded as UTF-8, so b'img_0' is `img_0`, the name the
+    files use); lists, NaN, 1.5, booleans and bytes that are not UTF-8 are refused, naming the file and the image."""
+    try:
+        array = np.asarray(ids)
+    except (ValueError, TypeError):
+        array = np.asarray([None], dtype=object)[:0].reshape(0, 0)
+    if array.ndim != 1:
+        raise KitError(f"{path}: {key} must be one id per image (numbers or text); got shape {array.shape}")
+    if array.dtype.kind in "iu":
+        return array
+    if array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array)) & (np.abs(array) <= LARGEST_FLOAT_ID)
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise KitError(f"{path}: {key}: id {array[i]} (image {i}) is not a whole number; ids are whole numbers or text")
+        return array.astype(np.int64)
+    if array.dtype.kind not in "SUO":
+        raise KitError(f"{path}: {key} has dtype {array.dtype}; ids are whole numbers or text")
+    return np.array([_id_text(path, key, i, value) for i, value in enumerate(array)], dtype=object)
+
+
+def _id_text(path: Path, key: str, i: int, value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KitError(f"{path}: {key}: id {bytes(value)!r} (image {i}) is not UTF-8 text") from None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer() and abs(value) <= LARGEST_FLOAT_ID:
+        return str(int(value))
+    raise KitError(f"{path}: {key}: id {value!r} (image {i}) is a {type(value).__name__}; ids are whole numbers or text")
+
+
+def class_names(path: Path | str, values, count: int | None = None, key: str = "classes") -> list[str]:
+    """Class names as they enter (a probability file's, an .npz's, a checkpoint's): one list of distinct, non-empty
+    names (`count` of them when given); bytes are decoded as UTF-8. Two columns under one name would blend or
+    submit as one class, so a repeated name is refused."""
+    try:
+        items = list(np.asarray(values, dtype=object).reshape(-1)) if not isinstance(values, (list, tuple)) else list(values)
+    except (ValueError, TypeError):
+        items = [None]
+    names = []
+    for i, value in enumerate(items):
+        if isinstance(value, (bytes, np.bytes_)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                value = None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            value = str(int(value))
+        if not isinstance(value, str) or not value.strip():
+            raise KitError(f"{path}: {key}: entry {i} ({value!r}) is not a class name")
+        names.append(str(value))
+    if count is not None and len(names) != count:
+        raise KitError(f"{path}: {len(names)} class names in {key}, but {count} classes (probability columns, model outputs)")
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise KitError(f"{path}: {key}: the class {twice!r} is named twice; each class needs its own name")
+    return names
+
+
 def csv_row(index: int) -> int:
     """The line number of a data row in its CSV file (the header is line 1)."""
     return index + 2
@@ -160,12 +229,30 @@ def list_images(folder: Path) -> dict[str, Path]:
     keys: dict[str, Path] = {}  # by id_key: `1.png` and `001.png` would be one id in a submission
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith(".") and not entry.is_file():
+            what = "a link to nothing" if entry.is_symlink() and not path.exists() else "not a file"
+            raise KitError(f"{path}: an image entry that cannot be read ({what}); every image of the folder is read, "
+                           f"so fix or remove it")
         if entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
             if id_key(path.stem) in keys:
                 raise KitError(f"{path}: a second image for id {path.stem!r} (also {keys[id_key(path.stem)].name}): "
                                f"ids that read as one number name one image")
             found[path.stem] = keys[id_key(path.stem)] = path
     return found
+
+
+def eight_bits(image, mode: str, where: str) -> np.ndarray:
+    """An image's pixels as uint8 in `mode` (L or RGB). 16-bit grayscale (PNG, TIFF) is scaled to 8 bits (65535 is
+    255), never clipped (a plain convert would make every value above 255 white); 32-bit integer and float pixels
+    have no one range to scale from, so they are refused."""
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # rounded
+        return gray if mode == "L" else np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ("I", "F") or image.mode.startswith(("I;32", "F;")):
+        kind = "float" if image.mode.startswith("F") else "32-bit integer"
+        raise KitError(f"{where}: {kind} pixels (mode {image.mode}) have no 0..255 scale; save it with 8 or 16 bits per channel")
+    return np.asarray(image.convert(mode), dtype=np.uint8)
 
 
 def decode_images(paths: list[Path], size: int, channels: int, where: list[str] | None = None) -> torch.Tensor:
@@ -182,7 +269,7 @@ def decode_images(paths: list[Path], size: int, channels: int, where: list[str] 
                 width, height = image.size
                 if (width, height) != (size, size):
                     raise KitError(f"{path}{at}: {width}x{height} pixels, but every image must be {size}x{size} (data.image_size)")
-                pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+                pixels = eight_bits(image, mode, f"{path}{at}")
         except FileNotFoundError:
             raise KitError(f"{path}{at}: image not found") from None
         except Image.DecompressionBombError as err:
@@ -325,7 +412,7 @@ def read_pixels(path: Path, spec: DataSpec, labelled: bool = True) -> Read:
 def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Read:
     """Arrays `images`, `labels`, optional `ids` (else row numbers from 1) and `classes`; or the same with the
     role as prefix (`train_images`, `test_labels`), as MedMNIST's files hold every split."""
-    found = read_arrays(path)
+    found = read_arrays(path, npz_names(role, "images", "ids", "labels") | {"classes"})
     images_key = npz_key(found, path, role, "images", True)
     images, _ = to_chw(path, found[images_key], spec.image_size, spec.channels, images_key)
     n = len(images)
@@ -335,10 +422,10 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     for name, key in (("ids", ids_key), ("labels", labels_key)):
         if key and (found[key].ndim == 0 or len(found[key]) != n):
             raise KitError(f"{path}: {n} images but {len(found[key]) if found[key].ndim else 0} {name}")
-    ids = found[ids_key].reshape(-1) if ids_key else row_ids(n)
-    labels = found[labels_key].reshape(n, -1) if labels_key else None
-    if ids_key and len(ids) != n:
+    if ids_key and found[ids_key].size != n:
         raise KitError(f"{path}: {ids_key} has shape {found[ids_key].shape}; expected one id per image")
+    ids = clean_ids(path, found[ids_key].reshape(-1), ids_key) if ids_key else row_ids(n)
+    labels = found[labels_key].reshape(n, -1) if labels_key else None
     if labels is not None and labels.shape[1] != 1:
         raise KitError(f"{path}: {labels_key} has shape {found[labels_key].shape}; expected one label per image")
     if labels is not None and labels.dtype.kind not in "iubfUS":
@@ -349,7 +436,7 @@ def read_npz(path: Path, spec: DataSpec, role: str, labelled: bool = True) -> Re
     where = [f"image {i}" for i in range(n)]
     if "classes" in found and found["classes"].ndim != 1:
         raise KitError(f"{path}: classes has shape {found['classes'].shape}; expected one name per class")
-    classes = [str(c) for c in found["classes"]] if "classes" in found else None
+    classes = class_names(path, found["classes"]) if "classes" in found else None
     return Read(path, torch.from_numpy(np.ascontiguousarray(images)), ids,
                 None if labels is None else labels[:, 0].tolist(), where, "numpy arrays (.npz)", classes)
 
@@ -360,19 +447,55 @@ def npz_key(found: dict[str, np.ndarray], path: Path, role: str, name: str, requ
         if candidate in found:
             return candidate
     if required:
-        raise KitError(f"{path}: no array {name!r} or {role}_{name!r} (arrays: {', '.join(found)})")
+        raise KitError(f"{path}: no array {name!r} or {role}_{name!r} (arrays: {', '.join(found.names)})")
     return None
 
 
-def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a .npz (no pickled objects), with one-line errors for a missing or corrupt file."""
+class Arrays(dict):
+    """The arrays read from an .npz, by name; `names` lists every array the file holds (read or not)."""
+    names: list[str]
+
+
+def npz_names(role: str, *names: str) -> set[str]:
+    """The array names a reader of `role` looks for: each name and `<role>_name` (MedMNIST's)."""
+    return {n for name in names for n in (name, f"{role}_{name}")}
+
+
+def read_arrays(path: Path, wanted: set[str]) -> Arrays:
+    """The `wanted` arrays of a .npz (no pickled objects; other members are never read), each one's declared shape
+    and dtype checked against the size its archive entry states before anything is allocated. One-line errors for a
+    missing or corrupt file."""
     if not path.is_file():
         raise KitError(f"{path}: not found")
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            return {key: arrays[key] for key in arrays.files}
-    except Exception as err:  # numpy raises many types for a corrupt archive
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise KitError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+            found = Arrays()
+            found.names = list(npz.files)
+            for key in (k for k in npz.files if k in wanted):
+                _check_declared_size(path, npz.zip, key)
+                found[key] = npz[key]
+            return found
+    except KitError:
+        raise
+    except Exception as err:  # numpy and zipfile raise many types for a corrupt archive
         raise KitError(f"{path}: not a readable .npz ({type(err).__name__})") from None
+
+
+def _check_declared_size(path: Path, archive, key: str) -> None:
+    """An array's header (shape, dtype) must describe exactly the bytes its archive entry holds: a header that
+    declares more would make numpy allocate it before finding out."""
+    info = archive.getinfo(f"{key}.npy")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+        header = member.tell()
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared + header != info.file_size:
+        raise KitError(f"{path}: array {key!r} declares {shape} {dtype} ({declared:,} bytes) but its entry holds "
+                       f"{info.file_size - header:,} bytes: refused before reading it")
 
 
 def read_split(spec: DataSpec, root: Path, role: str) -> Read:
@@ -404,8 +527,8 @@ def unlabelled_ids(path: Path, id_column: str = "id") -> np.ndarray:
         return ids_from_text(list(list_images(path)))
     if path.suffix.lower() == ".csv":
         return table_ids(read_csv(path), id_column)
-    found = read_arrays(path)
+    found = read_arrays(path, npz_names("test", "images", "ids"))
     images_key, ids_key = npz_key(found, path, "test", "images", True), npz_key(found, path, "test", "ids", False)
     if found[images_key].ndim == 0:
         raise KitError(f"{path}: {images_key} is one number, not images")
-    return found[ids_key].reshape(-1) if ids_key else row_ids(len(found[images_key]))
+    return clean_ids(path, found[ids_key].reshape(-1), ids_key) if ids_key else row_ids(len(found[images_key]))

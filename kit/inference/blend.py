@@ -14,17 +14,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kit.data.formats import class_indices, id_key, read_arrays
+from kit.data.formats import class_indices, class_names, clean_ids, id_key, read_arrays
 from kit.errors import KitError
 from kit.inference.ensemble import ensemble_probs
 from kit.inference.scores import topk
 from kit.inference.submission import (
-    PROB_TOLERANCE,
     SubmissionFormat,
+    check_probabilities,
     format_from_template,
+    one_class_warning,
+    probs_arrays,
     submission_table,
     template_order,
-    write_probs,
     write_submission,
 )
 
@@ -71,18 +72,20 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     """A probability file: kit's (`member_probs`, `members`, `classes`, `labels`) or another program's (`probs`
     (N, K) and `ids`, plus `labels` when labelled)."""
     path = Path(path)
-    found = read_arrays(path)
+    found = read_arrays(path, {"member_probs", "probs", "ids", "labels", "members", "classes"})
     if "member_probs" in found:
         probs = found["member_probs"]
     elif "probs" in found:
         probs = found["probs"][None]
     else:
-        raise KitError(f"{path}: no 'probs' (N, K) or 'member_probs' (M, N, K) array (arrays: {', '.join(found)})")
+        raise KitError(f"{path}: no 'probs' (N, K) or 'member_probs' (M, N, K) array (arrays: {', '.join(found.names)})")
     if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating) or 0 in probs.shape:
         raise KitError(f"{path}: the probabilities must be floats of shape (N, K); got {probs.dtype} {probs.shape[1:]}")
     check_probabilities(path, probs)
     n = probs.shape[1]
-    ids = found["ids"].reshape(-1) if "ids" in found else np.arange(n)
+    if "ids" in found and found["ids"].size != n:
+        raise KitError(f"{path}: {n} rows of probabilities but {found['ids'].size} ids")
+    ids = clean_ids(path, found["ids"].reshape(-1)) if "ids" in found else np.arange(n)
     labels = found.get("labels")
     if labelled and labels is None:
         raise KitError(f"{path}: no 'labels' array: the labelled side of kit blend needs each image's class index "
@@ -98,45 +101,32 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     members = [str(m) for m in found["members"]] if "members" in found else [path.stem] * len(probs)
     if len(probs) > 1 and members == [path.stem] * len(probs):
         members = [f"{path.stem}[{i}]" for i in range(len(probs))]
-    classes = [str(c) for c in found["classes"]] if "classes" in found else None
-    if classes is not None and len(classes) != probs.shape[2]:
-        raise KitError(f"{path}: {len(classes)} class names but {probs.shape[2]} probability columns")
+    classes = class_names(path, found["classes"], probs.shape[2]) if "classes" in found else None
     return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
                     None if labels is None else torch.from_numpy(labels))
 
 
-def check_probabilities(path: Path, probs: np.ndarray) -> None:
-    """(M, N, K) class probabilities, checked where they enter: finite, in [0, 1], each row summing to 1. Log-
-    probabilities and logits (what a log-loss or a model's last layer gives) are named as such."""
-    if not np.isfinite(probs).all():
-        m, i, _ = np.argwhere(~np.isfinite(probs))[0]
-        raise KitError(f"{path}: row {i}{_member(probs, m)} holds {probs[m, i][~np.isfinite(probs[m, i])][0]}, not a probability")
-    sums = probs.sum(-1, dtype=np.float64)
-    inside = (probs >= 0).all() and (probs <= 1).all()
-    if inside and (np.abs(sums - 1) <= PROB_TOLERANCE).all():
-        return
-    if (probs <= 0).all() and (np.abs(np.exp(probs.astype(np.float64)).sum(-1) - 1) <= PROB_TOLERANCE).all():
-        raise KitError(f"{path}: these look like log-probabilities (every value <= 0, their exponentials sum to 1 on "
-                       f"each row); save the probabilities themselves (np.exp of these)")
-    if not inside:
-        raise KitError(f"{path}: values from {probs.min():.4g} to {probs.max():.4g} are not probabilities in [0, 1] "
-                       f"(logits? save their softmax)")
-    m, i = np.argwhere(np.abs(sums - 1) > PROB_TOLERANCE)[0]
-    raise KitError(f"{path}: row {i}{_member(probs, m)}: the class probabilities sum to {sums[m, i]:.4f}, not 1")
+@dataclass
+class Side:
+    """One side of a blend: every member's probabilities, rows on the first file's ids, columns on the classes."""
+    probs: torch.Tensor  # (M, N, K)
+    members: list[str]
+    ids: np.ndarray
+    labels: torch.Tensor | None  # as indices into the classes
 
 
-def _member(probs: np.ndarray, m: int) -> str:
-    return f" of member {m}" if len(probs) > 1 else ""
+def _named(files: list[ProbFile]) -> list[str] | None:
+    """The class names of the first file that has them."""
+    return next((f.classes for f in files if f.classes is not None), None)
 
 
-def _members(files: list[ProbFile], side: str) -> tuple[torch.Tensor, list[str], ProbFile]:
-    """Every member's (N, K) probabilities on one side, aligned on the first file's ids; the files must agree."""
+def _members(files: list[ProbFile], side: str, classes: list[str] | None) -> Side:
+    """Every member's (N, K) probabilities on one side, rows aligned on the first file's ids and columns on the class
+    names `classes`: a file listing the same classes in another order is reordered, one with other classes refused."""
     first = files[0]
     keys = [id_key(i) for i in first.ids]
-    out = []
+    out, labels = [], None
     for f in files:
-        if f.classes is not None and first.classes is not None and f.classes != first.classes:
-            raise KitError(f"{f.path}: its classes ({', '.join(f.classes[:3])}, ...) differ from {first.path}'s")
         if f.member_probs.shape[2] != first.member_probs.shape[2]:
             raise KitError(f"{f.path}: {f.member_probs.shape[2]} classes but {first.path} has {first.member_probs.shape[2]}")
         position = {id_key(i): n for n, i in enumerate(f.ids)}
@@ -144,10 +134,27 @@ def _members(files: list[ProbFile], side: str) -> tuple[torch.Tensor, list[str],
             missing = sorted(set(keys) - set(position)) or sorted(set(position) - set(keys)) or ["(a duplicate)"]
             raise KitError(f"{f.path}: its ids differ from {first.path}'s on the {side} side (e.g. {missing[0]})")
         order = torch.tensor([position[k] for k in keys])
-        if f.labels is not None and first.labels is not None and not torch.equal(f.labels[order], first.labels):
-            raise KitError(f"{f.path}: its labels differ from {first.path}'s for the same ids")
-        out.append(f.member_probs[:, order])
-    return torch.cat(out), [m for f in files for m in f.members], first
+        columns = _column_order(f, classes)
+        if f.labels is not None:
+            theirs = torch.argsort(columns)[f.labels[order]]  # their class indices, as indices into `classes`
+            if labels is not None and not torch.equal(theirs, labels):
+                raise KitError(f"{f.path}: its labels differ from {first.path}'s for the same ids")
+            labels = theirs
+        out.append(f.member_probs[:, order][:, :, columns])
+    return Side(torch.cat(out), [m for f in files for m in f.members], first.ids, labels)
+
+
+def _column_order(f: ProbFile, classes: list[str] | None) -> torch.Tensor:
+    """Indices of `f`'s columns in the order of `classes` (its own order when either has no names)."""
+    k = f.member_probs.shape[2]
+    if classes is None or f.classes is None:
+        return torch.arange(k)
+    if sorted(f.classes) != sorted(classes):
+        other = sorted(set(f.classes) ^ set(classes))
+        raise KitError(f"{f.path}: its classes ({', '.join(f.classes[:5])}{', ...' if k > 5 else ''}) are not "
+                       f"{', '.join(classes[:5])}{', ...' if k > 5 else ''} (e.g. {other[0]!r} is not in both): "
+                       f"probabilities of different classes cannot be blended")
+    return torch.tensor([f.classes.index(c) for c in classes])
 
 
 def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20, select_on: float = 0.5,
@@ -157,14 +164,19 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     unlabelled files' members: the i-th member of one side is the i-th of the other."""
     if not labelled or not unlabelled:
         raise KitError("kit blend needs --labelled and --unlabelled probability files")
-    scored, names, first = _members([read_probs(p, True) for p in labelled], "labelled")
-    test, test_names, test_first = _members([read_probs(p, False) for p in unlabelled], "unlabelled")
+    labelled_files, unlabelled_files = [read_probs(p, True) for p in labelled], [read_probs(p, False) for p in unlabelled]
+    named = _named(labelled_files + unlabelled_files)
+    scored_side, test_side = _members(labelled_files, "labelled", named), _members(unlabelled_files, "unlabelled", named)
+    scored, names, test, test_names = scored_side.probs, scored_side.members, test_side.probs, test_side.members
     if len(test) != len(scored):
         raise KitError(f"{len(scored)} members on the labelled side ({', '.join(labelled)}) but {len(test)} on the "
                        f"unlabelled side ({', '.join(unlabelled)}): give each model's files in the same order")
     if test.shape[2] != scored.shape[2]:
         raise KitError(f"{unlabelled[0]}: {test.shape[2]} classes but {labelled[0]} has {scored.shape[2]}")
-    known = first.classes or test_first.classes or given_classes
+    if given_classes and named and given_classes != named:
+        raise KitError(f"--classes {','.join(given_classes)}: the probability files name their classes "
+                       f"({', '.join(named[:5])}{', ...' if len(named) > 5 else ''}); leave --classes out")
+    known = named or given_classes
     classes = known or [str(i) for i in range(scored.shape[2])]
     if given_classes and len(given_classes) != scored.shape[2]:
         raise KitError(f"--classes names {len(given_classes)} classes but the probability files have {scored.shape[2]}")
@@ -172,8 +184,8 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     if fmt.style == "name" and not known:
         raise KitError(f"{labelled[0]}: the probability files carry no class names (a 'classes' array), so the "
                        f"submission's class names are unknown; give --classes A,B,...")
-    template_order(fmt, test_first.ids, unlabelled[0])  # the template's ids, checked before anything is written
-    labels = first.labels
+    template_order(fmt, test_side.ids, unlabelled[0])  # the template's ids, checked before anything is written
+    labels = scored_side.labels
     choose = report = torch.arange(len(labels))
     if select_on < 1:
         counts = torch.bincount(labels)
@@ -192,8 +204,11 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     echo(pd.DataFrame(rows).to_string(index=False, formatters={"top1": "{:.2%}".format}))
     echo("weights: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, weights) if w > 0))
     probs = ensemble_probs(list(test), weights)
-    write_submission(submission_table(fmt, test_first.ids, probs.numpy(), classes, unlabelled[0]), out)
-    write_probs(Path(out).with_suffix(".probs.npz"), test_first.ids, probs.numpy(), classes, test_names, test.numpy(),
-                blend=weights)
-    echo(f"submission: {out} ({len(test_first.ids):,} rows, {len(test)} members blended)")
+    arrays = probs_arrays(test_side.ids, probs.numpy(), classes, test_names, test.numpy(), blend=weights, source="the blend")
+    write_submission(submission_table(fmt, test_side.ids, probs.numpy(), classes, unlabelled[0]), out, arrays)
+    warning = one_class_warning(probs.argmax(1).numpy(), classes)
+    if warning:
+        echo(warning)
+    used = sum(w > 0 for w in weights)
+    echo(f"submission: {out} ({len(test_side.ids):,} rows; {used} of {len(test)} members carry weight)")
     return Path(out)

@@ -7,6 +7,7 @@ a run directory standing for its `best.pt`. `best.pt` is the epoch whose better 
 `weights_from` is the raw/EMA choice everywhere; `better` (before 0.5 `best`) picks whichever of the two scored higher on validation
 at the epoch the checkpoint holds (so on `last.pt`, the last epoch's better weights)."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kit.data.formats import class_names
 from kit.device import Precision
 from kit.errors import KitError
 from kit.io import atomic_path
@@ -65,6 +67,43 @@ def read_payload(path: str | Path) -> dict:
         raise KitError(f"{path}: not a kit checkpoint (no model weights and recipe inside)")
     payload.setdefault("best_weights_from", payload.get("best_source", "raw"))  # checkpoints before 0.2 said best_source
     payload["path"] = str(path)
+    return checked_payload(payload, path)
+
+
+PAYLOAD_FIELDS = {  # what inference reads from a checkpoint: the field, what it must be, and a test of it
+    "model": ("a mapping of tensor names to tensors", lambda v: _is_state(v) and bool(v)),
+    "ema": ("null or a mapping of tensor names to tensors", lambda v: v is None or _is_state(v)),
+    "recipe": ("a mapping (the recipe)", lambda v: isinstance(v, dict)),
+    "classes": ("a list of class names", lambda v: isinstance(v, (list, tuple))),
+    "mean": ("a list of numbers, one per channel", lambda v: isinstance(v, (list, tuple))),
+    "std": ("a list of numbers, one per channel", lambda v: isinstance(v, (list, tuple))),
+    "num_params": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "best_weights_from": ("raw or ema", lambda v: v in ("raw", "ema")),
+}
+
+
+def _is_state(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in value.items())
+
+
+def checked_payload(payload: dict, path: Path) -> dict:
+    """A checkpoint from outside, checked where it enters: every field inference reads is present and of its type,
+    the class names are distinct, and every weight (raw and EMA, buffers included) is finite. One KitError naming the
+    file and the field."""
+    for name, (what, ok) in PAYLOAD_FIELDS.items():
+        if name not in payload and name != "ema":
+            raise KitError(f"{path}: not a kit checkpoint: the field {name!r} is missing ({what})")
+        if not ok(payload.get(name)):
+            raise KitError(f"{path}: its field {name!r} is {type(payload.get(name)).__name__}, not {what}")
+    if payload.get("weights_from", "raw") not in ("raw", "ema"):
+        raise KitError(f"{path}: its field 'weights_from' is {payload['weights_from']!r}, not raw or ema")
+    payload["classes"] = class_names(path, payload["classes"])
+    for which, state in (("raw", payload["model"]), ("EMA", payload.get("ema"))):
+        for name, tensor in (state or {}).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise KitError(f"{path}: its {which} weights hold NaN or inf ({bad:,} values of {name!r}): a model with "
+                               f"them predicts one class for every image; refused")
     return payload
 
 
@@ -85,10 +124,23 @@ def _read_safetensors(path: Path) -> dict:
         raise KitError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
     if meta.get("format") != SAFETENSORS_FORMAT:
         raise KitError(f"{path}: a safetensors file without kit's metadata (write it with `kit export --format safetensors`)")
-    stored = meta["weights_from"]
-    return {"model": state, "ema": None, "recipe": json.loads(meta["recipe"]), "classes": json.loads(meta["classes"]),
-            "mean": json.loads(meta["mean"]), "std": json.loads(meta["std"]), "num_params": int(meta["num_params"]),
-            "best_weights_from": "raw", "exported_weights_from": stored, "path": str(path)}
+    fields = {name: _metadata(path, meta, name) for name in ("recipe", "classes", "mean", "std", "num_params")}
+    stored = meta.get("weights_from")
+    if stored not in ("raw", "ema"):
+        raise KitError(f"{path}: its metadata 'weights_from' is {stored!r}, not raw or ema")
+    payload = {"model": state, "ema": None, **fields, "best_weights_from": "raw", "exported_weights_from": stored,
+               "path": str(path)}
+    return checked_payload(payload, path)
+
+
+def _metadata(path: Path, meta: dict[str, str], name: str):
+    """One JSON field of an exported file's metadata (safetensors metadata is text)."""
+    if name not in meta:
+        raise KitError(f"{path}: its metadata has no {name!r} (write it with `kit export --format safetensors`)")
+    try:
+        return json.loads(meta[name])
+    except ValueError:
+        raise KitError(f"{path}: its metadata {name!r} is not JSON ({meta[name][:40]!r})") from None
 
 
 @dataclass
@@ -120,12 +172,14 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
     from kit.models import build_model
     source = payload["path"]
     recipe = recipe_from_dict(payload["recipe"], source)
-    classes = [str(c) for c in payload["classes"]]
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained_path=None))  # its weights are here
+    classes = payload["classes"]
     if recipe.model.num_classes is None:  # kit saves the resolved recipe; another writer may leave it to the classes
         recipe = with_num_classes(recipe, len(classes), source)
     mean, std = _normalization(payload, recipe.data.channels, source)
-    model = build_model(recipe, source, check_budget=False)
     chosen, state = _choose_weights(payload, weights_from)
+    _check_fit(build_model(recipe, source, on_meta=True), state, source)  # its budget and shapes, before any allocation
+    model = build_model(recipe, source)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -138,6 +192,18 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
     model.to(device).eval()
     name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
     return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen)
+
+
+def _check_fit(skeleton: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """The model a checkpoint's recipe describes (built on the meta device: no memory) must have the shapes of the
+    weights the file holds, so that no recipe makes kit allocate more than its file's weights."""
+    for name, tensor in skeleton.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+            raise KitError(f"{source}: weights do not fit the model its recipe builds ({name}: {tuple(state[name].shape)} "
+                           f"in the file, {tuple(tensor.shape)} in the model)")
+    missing = [name for name in skeleton.state_dict() if name not in state]
+    if missing:
+        raise KitError(f"{source}: weights do not fit the model its recipe builds (no {missing[0]!r}; {len(missing)} missing)")
 
 
 def _normalization(payload: dict, channels: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:

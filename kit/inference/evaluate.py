@@ -16,7 +16,7 @@ from kit.inference.blend import greedy_selection, selection_halves
 from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import Ensemble, ensemble_probs, load_ensemble
 from kit.inference.scores import topk
-from kit.inference.submission import write_probs
+from kit.inference.submission import probs_arrays, write_probs
 from kit.inference.tta import tta_views
 from kit.io import write_text
 
@@ -77,8 +77,9 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
         echo(f"BatchNorm statistics re-estimated on the {len(data):,} {held_out} images (prior strength {adapt_prior:g})")
     scored = score_checkpoints(ensemble, data)
     if probs_out:
-        write_probs(probs_out, np.arange(len(data)), ensemble_probs(scored.with_views).numpy(), checkpoints[0].classes,
-                    paths, torch.stack(scored.with_views).numpy(), data.labels.numpy())
+        write_probs(probs_out, probs_arrays(np.arange(len(data)), ensemble_probs(scored.with_views).numpy(), checkpoints[0].classes,
+                                            paths, torch.stack(scored.with_views).numpy(), data.labels.numpy(),
+                                            source=f"the predictions on the {held_out} images"))
         echo(f"probabilities: {probs_out} ({len(paths)} checkpoints x {len(data):,} {held_out} images, tta {tta})")
     labels, top5 = data.labels, len(checkpoints[0].classes) > 10
     chosen_on = scored, labels

@@ -13,11 +13,13 @@ from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import ensemble_probs, load_ensemble
 from kit.inference.submission import (
     SubmissionFormat,
+    check_template_names,
     format_from_template,
+    one_class_warning,
+    probs_arrays,
     submission_table,
     template_order,
     with_classes,
-    write_probs,
     write_submission,
 )
 from kit.recipe import DEFAULT_MAX_PARAMS
@@ -40,6 +42,7 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     test = read_test_set(test_path, checkpoints[0].recipe.data)
     fmt = with_classes(format_from_template(template, classes) if template else fmt or SubmissionFormat(), classes)
     template_order(fmt, test.ids, test_path)
+    check_template_names(fmt, classes)  # before any model runs
     start = time.perf_counter()
     if adapt_bn:
         ensemble.adapt_batchnorm(test.images, adapt_prior)
@@ -48,10 +51,14 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     compute_seconds = time.perf_counter() - start  # probs come back on the CPU: the device work is done
     probs = ensemble_probs(per_checkpoint, weights)
     out_path = Path(out) if out else default_out(checkpoints)
-    write_submission(submission_table(fmt, test.ids, probs.numpy(), classes, test_path), out_path)
-    write_probs(out_path.with_suffix(".probs.npz"), test.ids, probs.numpy(), classes, [c.path for c in checkpoints],
-                torch.stack(per_checkpoint).numpy(), blend=weights)
-    echo(describe(checkpoints, weights, views, probs.argmax(1).numpy(), layout=test.layout, n=len(test.ids)))
+    arrays = probs_arrays(test.ids, probs.numpy(), classes, [c.path for c in checkpoints], torch.stack(per_checkpoint).numpy(),
+                          blend=weights, source=f"the predictions on {test_path}")
+    write_submission(submission_table(fmt, test.ids, probs.numpy(), classes, test_path), out_path, arrays)
+    labels = probs.argmax(1).numpy()
+    echo(describe(checkpoints, weights, views, labels, layout=test.layout, n=len(test.ids)))
+    warning = one_class_warning(labels, classes)
+    if warning:
+        echo(warning)
     echo(f"model compute: {compute_seconds:.2f} s for {len(test.ids):,} images x {len(checkpoints)} checkpoints x "
          f"{len(views)} views on {ensemble.prec.device}")
     echo(f"submission: {out_path} ({_describe_format(fmt)})")

@@ -197,6 +197,14 @@ def report(paths: list[str], data_root: str | None = None, report_dir: str | Non
     return written
 
 
+def disagreement_order(member: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the members' (M, N, K) probabilities: the images least agreed on first (the share of members voting for the
+    ensemble's class), ties broken by the larger spread (mean total variation around the members' mean); and both."""
+    agreement = (member.argmax(2) == member.mean(0).argmax(1)).mean(0)
+    spread = 0.5 * np.abs(member - member.mean(0)).sum(2).mean(0)
+    return np.lexsort((-spread, agreement)), agreement, spread
+
+
 def disagreement(paths: list[str], test_path: str, out_dir: Path, n: int = REPORT_MISTAKES, tta: str | None = None,
                  device: str = "auto", precision: str = "auto") -> pd.DataFrame:
     """Where an ensemble's submission is a guess, without labels: every unlabelled image with the share of members voting
@@ -207,9 +215,7 @@ def disagreement(paths: list[str], test_path: str, out_dir: Path, n: int = REPOR
     test = read_test_set(test_path, ensemble.checkpoints[0].recipe.data)
     member = np.stack([p.numpy() for p in ensemble.probs(test.images)])  # (M, N, K)
     blended, votes = member.mean(0).argmax(1), member.argmax(2)  # (N,), (M, N)
-    agreement = (votes == blended).mean(0)
-    spread = 0.5 * np.abs(member - member.mean(0)).sum(2).mean(0)
-    order = np.lexsort((-spread, agreement))
+    order, agreement, spread = disagreement_order(member)
     table = pd.DataFrame({"id": test.ids[order], "ensemble": [names[k] for k in blended[order]],
                           "agreement": agreement[order], "spread": spread[order],
                           **{f"member_{m}": [names[k] for k in votes[m, order]] for m in range(len(member))}})

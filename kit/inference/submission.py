@@ -6,15 +6,16 @@ probability, as AUC-scored competitions ask). It comes from the competition's sa
 header, the id column, the row order and the style) or from options (`--labels`, `--id-column`, `--label-column`);
 the default is `ID,Labels` with class indices."""
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kit.data.formats import DECIMAL, INTEGER, csv_row, id_key, read_csv
+from kit.data.formats import DECIMAL, INTEGER, csv_row, id_key, is_integer, read_csv
 from kit.errors import KitError
-from kit.io import atomic_path
+from kit.io import atomic_path, atomic_paths, write_failure
 from kit.recipe import LABEL_STYLES
 
 PROB_TOLERANCE = 1e-3  # how far a row of class probabilities may sum from 1 (they are written with 6 digits)
@@ -27,6 +28,7 @@ class SubmissionFormat:
     style: str = "index"
     template: Path | None = None  # the sample submission it came from
     order: tuple[str, ...] | None = None  # the template's ids, as it writes them, in its row order
+    names: tuple[str, ...] = ()  # a names template's labels (they must be the model's classes)
 
 
 def format_from_options(labels: str = "index", id_column: str = "ID", label_column: str = "Labels",
@@ -42,7 +44,7 @@ def format_from_options(labels: str = "index", id_column: str = "ID", label_colu
 def with_classes(fmt: SubmissionFormat, classes: list[str]) -> SubmissionFormat:
     """The format with its probability columns named, when the options left them to the model's classes."""
     if fmt.style == "probs" and not fmt.label_columns:
-        return SubmissionFormat(fmt.id_column, tuple(classes), fmt.style, fmt.template, fmt.order)
+        return dataclasses.replace(fmt, label_columns=tuple(classes))
     return fmt
 
 
@@ -77,12 +79,27 @@ def format_from_template(path: str | Path, classes: list[str] | None = None) -> 
                                f"(a template with one column per class asks for all of them)")
         else:
             style = "name"
-    return SubmissionFormat(id_column, label_columns, style, path, tuple(ids))
+    names = tuple(v for v in table[label_columns[0]].str.strip() if v) if style == "name" else ()
+    return SubmissionFormat(id_column, label_columns, style, path, tuple(ids), names)
+
+
+def check_template_names(fmt: SubmissionFormat, classes: list[str]) -> None:
+    """A names template's labels must be names the model has: a model whose classes are bare indices (0..K-1, data
+    without class names) would write indices into a column of names, and a template naming two or more classes the
+    model lacks is another competition's class list. One placeholder that is not a class (`x`) names nothing and
+    passes, as do empty cells."""
+    strangers = sorted(set(fmt.names) - set(classes))
+    if strangers and (all(map(is_integer, classes)) or len(strangers) > 1):
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise KitError(f"{fmt.template}: its {fmt.label_columns[0]} column holds class names the model does not have (e.g. "
+                       f"{strangers[0]!r}; the model's classes: {shown}): the submission would name classes the "
+                       f"competition does not know; train on data whose classes are the competition's names")
 
 
 def submission_table(fmt: SubmissionFormat, ids: np.ndarray, probs: np.ndarray, classes: list[str], test_path: str | Path) -> pd.DataFrame:
     """The rows to write: the template's order (its ids must be the test set's), else the test set's."""
     fmt = with_classes(fmt, classes)
+    check_template_names(fmt, classes)
     order = template_order(fmt, ids, test_path)
     probs = probs[order]
     written = fmt.order if fmt.order is not None else np.asarray(ids, dtype=object)  # a template's ids as it spells them
@@ -115,23 +132,81 @@ def template_order(fmt: SubmissionFormat, ids, test_path) -> np.ndarray:
     return np.array([position[k] for k in keys])
 
 
-def write_submission(table: pd.DataFrame, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+def write_submission(table: pd.DataFrame, path: str | Path, probs: dict[str, np.ndarray] | None = None) -> None:
+    """The submission CSV and, given `probs` (from probs_arrays), its probability file beside it (CSV.probs.npz),
+    committed together: both files or neither."""
+    path = Path(path)
+    paths = [path.with_suffix(".probs.npz"), path] if probs is not None else [path]  # the CSV last: a new CSV has its probs
+    with atomic_paths(paths) as temps:
+        for target, tmp in zip(paths, temps):
+            try:
+                if target == path:
+                    table.to_csv(tmp, index=False, float_format="%.6g")
+                else:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **probs)
+            except Exception as err:
+                failure = write_failure(target, err, paths)
+                if failure is None:
+                    raise
+                raise failure from None
 
 
-def write_probs(path: str | Path, ids: np.ndarray, probs: np.ndarray, classes: list[str], members: list[str],
-                member_probs: np.ndarray, labels: np.ndarray | None = None, blend: list[float] | None = None) -> None:
-    """A probability file (`kit blend` reads it): ids, the blended (N, K) `probs`, each member's (M, N, K)
-    `member_probs` with its name in `members` and its `blend` weight, the class names, and the labels when known."""
+def probs_arrays(ids: np.ndarray, probs: np.ndarray, classes: list[str], members: list[str], member_probs: np.ndarray,
+                 labels: np.ndarray | None = None, blend: list[float] | None = None, source: str = "the ensemble") -> dict:
+    """What a probability file holds (`kit blend` reads it): ids, the blended (N, K) `probs`, each member's (M, N, K)
+    `member_probs` with its name in `members` and its `blend` weight, the class names, and the labels when known.
+    The probabilities are checked before anything is written: finite, in [0, 1], rows summing to 1."""
+    check_probabilities(source, member_probs)
+    check_probabilities(source, probs[None])
     arrays = {"ids": np.asarray(ids).astype(str) if np.asarray(ids).dtype == object else ids, "probs": probs.astype(np.float32),
               "member_probs": member_probs.astype(np.float32), "classes": np.array(classes), "members": np.array(members)}
     if labels is not None:
         arrays["labels"] = labels.astype(np.int64)
     weights = np.asarray(blend if blend is not None else [1.0] * len(member_probs), dtype=np.float64)
     arrays["blend"] = weights / weights.sum()
+    return arrays
+
+
+def write_probs(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """A probability file alone (kit evaluate --probs-out)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def check_probabilities(path: str | Path, probs: np.ndarray) -> None:
+    """(M, N, K) class probabilities, checked where they enter and before they are written: finite, in [0, 1], each
+    row summing to 1. Log-probabilities and logits (what a log-loss or a model's last layer gives) are named as such."""
+    if not np.isfinite(probs).all():
+        m, i, _ = np.argwhere(~np.isfinite(probs))[0]
+        bad = int((~np.isfinite(probs)).any(-1).any(0).sum())
+        raise KitError(f"{path}: row {i}{_member(probs, m)} holds {probs[m, i][~np.isfinite(probs[m, i])][0]}, not a "
+                       f"probability ({bad:,} of {probs.shape[1]:,} rows; NaN weights or an overflow in the model?)")
+    sums = probs.sum(-1, dtype=np.float64)
+    inside = (probs >= 0).all() and (probs <= 1).all()
+    if inside and (np.abs(sums - 1) <= PROB_TOLERANCE).all():
+        return
+    if (probs <= 0).all() and (np.abs(np.exp(probs.astype(np.float64)).sum(-1) - 1) <= PROB_TOLERANCE).all():
+        raise KitError(f"{path}: these look like log-probabilities (every value <= 0, their exponentials sum to 1 on "
+                       f"each row); save the probabilities themselves (np.exp of these)")
+    if not inside:
+        raise KitError(f"{path}: values from {probs.min():.4g} to {probs.max():.4g} are not probabilities in [0, 1] "
+                       f"(logits? save their softmax)")
+    m, i = np.argwhere(np.abs(sums - 1) > PROB_TOLERANCE)[0]
+    raise KitError(f"{path}: row {i}{_member(probs, m)}: the class probabilities sum to {sums[m, i]:.4f}, not 1")
+
+
+def _member(probs: np.ndarray, m: int) -> str:
+    return f" of member {m}" if len(probs) > 1 else ""
+
+
+def one_class_warning(labels: np.ndarray, classes: list[str]) -> str | None:
+    """A warning line when every image is given one class: a model broken in a way no check caught (dead weights,
+    the wrong normalization) still writes a valid-looking submission."""
+    if len(labels) > 1 and len(classes) > 1 and (labels == labels[0]).all():
+        return (f"warning: every one of the {len(labels):,} images is predicted as class {classes[int(labels[0])]!r}: "
+                f"check the checkpoints and the test set before submitting this")
+    return None
 
 
 def check_submission(csv_path: str | Path, test_path: str | Path | None = None, fmt: SubmissionFormat | None = None,
@@ -181,8 +256,8 @@ def _check_labels(path: Path, table: pd.DataFrame, fmt: SubmissionFormat, num_cl
             bad = ~values.str.fullmatch(INTEGER).to_numpy()
             if bad.any():
                 fail(column, bad, "is not an integer")
-            labels = values.astype(np.int64).to_numpy()
-            out = (labels < 0) | (labels >= num_classes)
+            labels = [int(v) for v in values]  # Python's integers: a label of any length is compared, never overflows
+            out = np.array([label < 0 or label >= num_classes for label in labels])
             if out.any():
                 i = int(np.argmax(out))
                 raise KitError(f"{path}: label {labels[i]} ({fmt.id_column} {table[fmt.id_column][i]}) is outside 0..{num_classes - 1}")

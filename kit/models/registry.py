@@ -148,19 +148,26 @@ def stage_breakdown(model: nn.Module) -> list[tuple[str, int]]:
     return [(name, n) for name, n in rows if n]
 
 
-def build_model(recipe: Recipe, source: str = "recipe", check_budget: bool = True) -> nn.Module:
-    """Build the recipe's model; over-budget models fail here with the count and the budget."""
+def build_model(recipe: Recipe, source: str = "recipe", check_budget: bool = True, on_meta: bool = False) -> nn.Module:
+    """Build the recipe's model. It is first built on the meta device (shapes, no memory), where an over-budget model
+    fails with the count and the budget before a byte is allocated (a recipe, or a checkpoint from outside, could ask
+    for tens of gigabytes); `on_meta` returns that skeleton (for counting parameters and checking shapes)."""
     spec, num_classes = recipe.model, known_num_classes(recipe)
     if num_classes is None:
         raise KitError(f"{source}: model.num_classes is left to the data's classes, which are not read here; set "
                        f"model.num_classes or data.classes to build the model without its data")
-    try:
-        model = create_model(spec.name, num_classes, spec.args, spec.pretrained_path, source, recipe.data.channels,
-                             recipe.data.image_size)
-    except ValueError as err:
-        raise KitError(f"{source}: model.args: {err}") from None
+
+    def create(pretrained_path: str | None) -> nn.Module:
+        try:
+            return create_model(spec.name, num_classes, spec.args, pretrained_path, source, recipe.data.channels,
+                                recipe.data.image_size)
+        except ValueError as err:
+            raise KitError(f"{source}: model.args: {err}") from None
+
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # the real build draws the same initial weights
+        skeleton = create(None)
     limit = recipe.budget.max_params
-    if check_budget and limit is not None and count_parameters(model) > limit:
-        raise KitError(f"{source}: the model has {count_parameters(model):,} parameters, over the budget of "
+    if check_budget and limit is not None and count_parameters(skeleton) > limit:
+        raise KitError(f"{source}: the model has {count_parameters(skeleton):,} parameters, over the budget of "
                        f"{limit:,} (budget.max_params)")
-    return model
+    return skeleton if on_meta else create(spec.pretrained_path)

@@ -20,7 +20,7 @@ def recipes_table(paths: list[Path]) -> str:
     rows = []
     for path in paths:
         recipe = load_recipe(path)
-        model = build_model(recipe, str(path), check_budget=False)
+        model = build_model(recipe, str(path), check_budget=False, on_meta=True)  # counted, never allocated
         params = count_parameters(model)
         acc = recipe.paper.reported_accuracy
         rows.append({"recipe": recipe.name, "model": recipe.model.name, "dataset": recipe.data.dataset,
@@ -34,7 +34,7 @@ def recipes_table(paths: list[Path]) -> str:
 def params_table(path: str, overrides: tuple[str, ...] = ()) -> str:
     """Trainable parameters of each top-level part of the model, and the total against the budget."""
     recipe = load_recipe(path, overrides)
-    model = build_model(recipe, str(path), check_budget=False)
+    model = build_model(recipe, str(path), check_budget=False, on_meta=True)  # counted, never allocated
     total = count_parameters(model)
     rows = [{"part": name, "parameters": f"{n:,}"} for name, n in stage_breakdown(model)]
     rows.append({"part": "total", "parameters": f"{total:,}"})
