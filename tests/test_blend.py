@@ -146,6 +146,8 @@ def test_blend_equals_predict_with_the_same_weights(trained_run, demo_data, tmp_
     members = [trained_run, train(tiny_recipe(train__epochs=1), demo_data, tmp_path / "runs", "cpu", echo=quiet)]
     test = demo_data / "cifar_test_nolabel.pkl"
     assert run("evaluate", *members, "--probs-out", tmp_path / "val.npz", "--device", "cpu")[0] == 0
+    saved = np.load(tmp_path / "val.npz")  # the scored images' own ids (the data carries them), not row numbers
+    assert saved["ids"].tolist() == [f"test_batch/{i}" for i in range(len(saved["labels"]))]
     assert run("predict", *members, "--test", test, "--out", tmp_path / "p.csv", "--device", "cpu")[0] == 0
     monkeypatch.setattr(blend, "greedy_selection", lambda probs, labels, rounds: [0.3, 0.7])
     blend.blend([tmp_path / "val.npz"], [tmp_path / "p.probs.npz"], tmp_path / "b.csv", echo=quiet)

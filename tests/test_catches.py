@@ -124,14 +124,13 @@ def test_the_disagreement_order_breaks_ties_by_the_larger_spread():
 
 def test_a_trainers_head_is_sized_by_the_datas_classes(demo_data, tiny_recipe):
     """Fault: a trainer's head sized without the data's classes (the recipe's 10 on data of 7)."""
-    from kit.data.datasets import Dataset, Labelled, load_dataset
+    from kit.data.datasets import Dataset, load_dataset
     from kit.training.engine import build_trainer
     recipe = tiny_recipe()
     assert recipe.model.num_classes is None
     digits = load_dataset(recipe.data, demo_data)
     keep = digits.train.labels < 7
-    seven = Dataset(Labelled(digits.train.images[keep], digits.train.labels[keep]), digits.held_out, [str(i) for i in range(7)],
-                    digits.mean, digits.std)
+    seven = Dataset(digits.train.subset(keep), digits.held_out, [str(i) for i in range(7)], digits.mean, digits.std)
     trainer = build_trainer(recipe, seven, torch.device("cpu"), echo=lambda _: None)
     with torch.no_grad():
         logits = trainer.model.eval()(torch.zeros(1, 3, 32, 32))

@@ -257,3 +257,27 @@ def test_text_that_only_looks_like_an_integer_is_a_name_not_a_crash(tmp_path):
             label_indices(["one", bad], ["zero", "one"], Path("t.csv"), ["row 2", "row 3"])
     (tmp_path / "sample.csv").write_text("id,label\n--7,cat\n5,dog\n")
     assert format_from_template(tmp_path / "sample.csv").order == ("--7", "5")
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "cifar"])
+def test_the_labelled_images_carry_the_datas_own_ids_through_every_split(fmt, demo_dir, demo_data):
+    """Issue 38, part 5: ids live on the data (`Labelled.ids`), as the format names them, each image once, and a split
+    keeps them (validation ids are training-set ids, disjoint from the kept ones, each still naming its image)."""
+    import dataclasses
+
+    from kit.data.formats import read_split
+    path, root = ("recipes/demo.yaml", demo_data) if fmt == "cifar" else (demo_dir(fmt) / "recipe.yaml", None)
+    recipe = load_recipe(path, ("data.validation=split", "data.val_fraction=0.25"))
+    whole = load_dataset(dataclasses.replace(recipe.data, validation="none"), root).train
+    data = load_dataset(recipe.data, root)
+    assert len(whole.ids) == len(whole) and len(set(map(str, whole.ids))) == len(whole)
+    kept, held = set(map(str, data.train.ids)), set(map(str, data.held_out.ids))
+    assert not kept & held and kept | held == set(map(str, whole.ids))
+    position = {str(i): n for n, i in enumerate(whole.ids)}
+    for part in (data.train, data.held_out):
+        rows = torch.tensor([position[str(i)] for i in part.ids])
+        assert torch.equal(whole.images[rows], part.images) and torch.equal(whole.labels[rows], part.labels)
+    if fmt == "cifar":
+        assert str(whole.ids[0]) == "data_batch_1/0"
+    else:
+        assert list(map(str, whole.ids)) == list(map(str, read_split(recipe.data, Path(recipe.data.root), "train").ids))

@@ -244,3 +244,24 @@ def test_a_trainer_state_round_trips(demo_data, quiet, tiny_recipe):
     second.epoch(max_updates=2)
     assert first.num_updates == second.num_updates == 5
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+
+
+def test_a_run_keeps_its_validation_probabilities_with_the_images_ids(trained_run, demo_data):
+    """Issue 38, part 5: the probabilities the run scored its best epoch with are kept (val.probs.npz, no second
+    pass), keyed by the held-out images' own ids, and they are best.pt's better weights' on those images."""
+    import numpy as np
+
+    from kit.data.datasets import load_dataset
+    from kit.device import inference_precision
+    from kit.inference.checkpoint import better_weights, load_checkpoint
+    from kit.inference.tta import tta_views
+    saved = np.load(trained_run / "val.probs.npz")
+    held_out = load_dataset(load_recipe(trained_run / "recipe.yaml").data).held_out
+    assert saved["ids"].tolist() == [str(i) for i in held_out.ids] == [f"test_batch/{i}" for i in range(len(held_out))]
+    assert np.array_equal(saved["labels"], held_out.labels.numpy())
+    metrics = pd.read_csv(trained_run / "metrics.csv")
+    best = metrics.iloc[int(np.argmax(better_weights(metrics.val_acc, metrics.ema_val_acc)[0]))]
+    assert (saved["probs"].argmax(1) == saved["labels"]).mean() == pytest.approx(max(best.val_acc, best.ema_val_acc))
+    checkpoint = load_checkpoint(trained_run, "better", torch.device("cpu"))
+    again = checkpoint.probs(held_out.images, tta_views("none"), 100, inference_precision(torch.device("cpu"), "fp32"))
+    assert np.allclose(saved["probs"], again.numpy(), atol=1e-5)

@@ -26,15 +26,23 @@ LAYOUT_HINT = "run `kit data demo DIR` for demo data, `kit data download cifar10
 
 @dataclass(frozen=True)
 class Labelled:
-    """Images with their labels (a training set, a validation set, a test set)."""
+    """Images with their labels and ids (a training set, a validation set, a test set). The ids are the data's own
+    (a CIFAR batch's file names, else `<batch>/<index>`; a folder's `<class>/<stem>`; a CSV's or an .npz's id, else its
+    row number from 1): they travel with the images through every split, so an id is never re-derived from a row."""
     images: torch.Tensor  # (N, C, S, S) uint8
     labels: torch.Tensor  # (N,) int64
+    ids: np.ndarray  # (N,) on the host
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "Labelled":
-        return Labelled(self.images.to(device), self.labels.to(device))
+        return Labelled(self.images.to(device), self.labels.to(device), self.ids)
+
+    def subset(self, index) -> "Labelled":
+        """The images at `index` (a host tensor, array or slice), with their labels and ids."""
+        rows = index.numpy() if isinstance(index, torch.Tensor) else index
+        return Labelled(self.images[index], self.labels[index], self.ids[rows])
 
 
 @dataclass(frozen=True)
@@ -81,11 +89,22 @@ def _batch(path: Path, label_key: bytes, what: str) -> Labelled:
     labels = class_indices(path, obj[label_key], label_key)
     if len(labels) != len(data) or not len(data):
         raise KitError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return Labelled(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+    return Labelled(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels), _batch_ids(path, obj, len(data)))
+
+
+def _batch_ids(path: Path, obj: dict, n: int) -> np.ndarray:
+    """A CIFAR batch's ids: its b'filenames' (CIFAR-10's own, e.g. `leptodactylus_pentadactylus_s_000004.png`) when it
+    has one distinct name per image, else `<batch file>/<index>`."""
+    if b"filenames" in obj:
+        names = clean_ids(path, obj[b"filenames"], "b'filenames'")
+        if len(names) == n and len(set(map(str, names))) == n:
+            return names
+    return np.array([f"{path.name}/{i}" for i in range(n)], dtype=object)
 
 
 def _concat(splits: list[Labelled]) -> Labelled:
-    return Labelled(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
+    return Labelled(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]),
+                    np.concatenate([s.ids for s in splits]))
 
 
 def read_cifar10(root: Path) -> tuple[Labelled, Labelled, list[str]]:
@@ -115,8 +134,7 @@ def stratified_split(split: Labelled, fraction: float, seed: int) -> tuple[Label
     from sklearn.model_selection import train_test_split
     index = np.arange(len(split))
     keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=split.labels.numpy())
-    keep, held = torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
-    return Labelled(split.images[keep], split.labels[keep]), Labelled(split.images[held], split.labels[held])
+    return split.subset(torch.from_numpy(np.sort(keep))), split.subset(torch.from_numpy(np.sort(held)))
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -135,7 +153,7 @@ def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str =
     if spec.validation == "split":
         train, val = stratified_split(train, spec.val_fraction, spec.split_seed)
     elif spec.validation == "none":
-        val = Labelled(train.images[:0], train.labels[:0])
+        val = train.subset(slice(0, 0))
     else:
         val = test
     if held_out == "test" and test is None:
@@ -176,12 +194,12 @@ def read_other(spec: DataSpec, root: Path) -> tuple[Labelled, Labelled | None, l
     read = read_split(spec, root, "train")
     classes = list(spec.classes) or read.classes
     labels, classes = label_indices(read.labels, classes, read.path, read.where)
-    train = Labelled(read.images, torch.from_numpy(labels))
+    train = Labelled(read.images, torch.from_numpy(labels), read.ids)
     test = None
     if spec.test:
         read = read_split(spec, root, "test")
         labels, _ = label_indices(read.labels, classes, read.path, read.where)
-        test = Labelled(read.images, torch.from_numpy(labels))
+        test = Labelled(read.images, torch.from_numpy(labels), read.ids)
     return train, test, classes
 
 

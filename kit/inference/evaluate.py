@@ -77,7 +77,7 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
         echo(f"BatchNorm statistics re-estimated on the {len(data):,} {held_out} images (prior strength {adapt_prior:g})")
     scored = score_checkpoints(ensemble, data)
     if probs_out:
-        write_probs(probs_out, probs_arrays(np.arange(len(data)), ensemble_probs(scored.with_views).numpy(), checkpoints[0].classes,
+        write_probs(probs_out, probs_arrays(data.ids, ensemble_probs(scored.with_views).numpy(), checkpoints[0].classes,
                                             paths, torch.stack(scored.with_views).numpy(), data.labels.numpy(),
                                             source=f"the predictions on the {held_out} images"))
         echo(f"probabilities: {probs_out} ({len(paths)} checkpoints x {len(data):,} {held_out} images, tta {tta})")

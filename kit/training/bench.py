@@ -7,6 +7,7 @@ import dataclasses
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -185,7 +186,7 @@ def synthetic_data(n: int, num_classes: int, size: int = 32, channels: int = 3) 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
-    split = Labelled(images, labels)
+    split = Labelled(images, labels, np.arange(n))
     return KitDataset(split, split, [str(i) for i in range(num_classes)], (0.49, 0.48, 0.45)[:channels], (0.25, 0.24, 0.26)[:channels])
 
 

@@ -27,6 +27,7 @@ from kit.faults import Stopped, StopRequest, fault_point
 from kit.inference.checkpoint import better_weights, read_payload, save_checkpoint
 from kit.inference.plots import in_notebook, plot_curves
 from kit.inference.scores import predict_probs, probs_loss_acc
+from kit.inference.submission import probs_arrays, write_probs
 from kit.io import write_text
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_num_classes
 from kit.training import distributed
@@ -59,6 +60,9 @@ def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=str(root)))
 
 
+VAL_PROBS = "val.probs.npz"  # a run's validation probabilities at its best epoch (kit blend's labelled side)
+
+
 class Run:
     """One run directory being trained (by this process, one of `ranks`): the trainer, the images it is
     validated on, the normalization, the metrics history and which epoch is best."""
@@ -74,6 +78,7 @@ class Run:
         self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
         self.weights_from = "raw"  # the better of raw and EMA at the last completed epoch
         self.metrics = pd.DataFrame()
+        self.val_probs: torch.Tensor | None = None  # the better weights' probabilities on the held-out images, last epoch
         self.log: EpochLog | None = None
         self.stop = StopRequest()
 
@@ -113,12 +118,14 @@ class Run:
         if self.ranks.main:  # a metrics.csv written ahead of last.pt loses its extra rows now
             self.write_metrics()
 
-    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float, torch.Tensor | None]:
+        """Loss, accuracy and the (N, K) probabilities on the held-out images (kept: they are the run's validation
+        predictions, and a fold's out-of-fold ones)."""
         if not len(self.held_out):  # data.validation: none
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), None
         probs = predict_probs(model, self.held_out.images, self.mean, self.std, [lambda x: x],
                               self.recipe.predict.batch_size, self.trainer.prec)
-        return probs_loss_acc(probs, self.held_out.labels)
+        return (*probs_loss_acc(probs, self.held_out.labels), probs)
 
     def record(self, lr: float, result: EpochResult) -> dict:
         """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
@@ -126,10 +133,11 @@ class Run:
         t = self.trainer
         distributed.average_buffers(t.model, self.ranks)
         distributed.average_buffers(t.ema_model, self.ranks)
-        scores = None
+        scores, probs = None, {}
         if self.ranks.main:
-            val_loss, val_acc = self.evaluate(t.model)
-            scores = (val_loss, val_acc, self.evaluate(t.ema_model)[1] if t.ema is not None else float("nan"))
+            val_loss, val_acc, probs["raw"] = self.evaluate(t.model)
+            ema_acc, probs["ema"] = self.evaluate(t.ema_model)[1:] if t.ema is not None else (float("nan"), None)
+            scores = (val_loss, val_acc, ema_acc)
         val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
         t.lr.after_epoch(self.epoch, val_acc)
         row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
@@ -143,6 +151,7 @@ class Run:
             self.weights_from = "ema" if t.ema is not None else "raw"
         if unscored or score > self.best_acc:
             self.best_acc, self.best_epoch, self.best_weights_from = score, self.epoch, self.weights_from
+        self.val_probs = probs.get(self.weights_from)
         if self.log is not None:
             self.log.write(row)
         return row
@@ -156,10 +165,20 @@ class Run:
             self.write_metrics()
             fault_point("saved:metrics.csv")
             if self.best_epoch == self.epoch:
+                self.write_val_probs()
                 save_checkpoint(payload, self.dir / "best.pt")
                 fault_point("saved:best.pt")
         save_checkpoint(payload, self.dir / "last.pt")
         fault_point("saved:last.pt")
+
+    def write_val_probs(self) -> None:
+        """val.probs.npz beside best.pt: the best epoch's better weights' probabilities on the held-out images, with
+        their ids and labels (what kit evaluate --probs-out writes without TTA, here without a second pass)."""
+        if self.val_probs is None:
+            return
+        probs = self.val_probs.numpy()
+        write_probs(self.dir / VAL_PROBS, probs_arrays(self.held_out.ids, probs, self.classes, [str(self.dir)], probs[None],
+                                                       self.held_out.labels.cpu().numpy(), source=f"{self.dir}'s validation"))
 
     def write_metrics(self) -> None:
         write_text(self.dir / "metrics.csv", self.metrics.to_csv(index=False))
