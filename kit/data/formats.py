@@ -205,9 +205,7 @@ def label_indices(labels: list, classes: list[str] | None, path: Path, rows: lis
                 raise KitError(f"{path}: {rows[bad]}: label {texts[bad]!r} is negative")
             return values, [str(i) for i in range(int(values.max()) + 1)]
         classes = sorted(set(texts))
-    if len(set(classes)) != len(classes):
-        twice = next(name for name in classes if list(classes).count(name) > 1)
-        raise KitError(f"{path}: the class {twice!r} is named twice in the class list")
+    classes = class_names(path, classes, key="the class list")
     index = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
