@@ -22,10 +22,10 @@ from kit.inference.submission import (
     SubmissionFormat,
     check_probabilities,
     format_from_template,
-    one_class_warning,
     probs_arrays,
     submission_table,
     template_order,
+    warn_one_class,
     write_submission,
 )
 
@@ -90,9 +90,8 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     if labelled and labels is None:
         raise KitError(f"{path}: no 'labels' array: the labelled side of kit blend needs each image's class index "
                        f"(kit evaluate --probs-out writes one)")
-    for name, array in (("ids", ids), ("labels", labels)):
-        if array is not None and len(array) != n:
-            raise KitError(f"{path}: {n} rows of probabilities but {len(array)} {name}")
+    if labels is not None and len(labels) != n:
+        raise KitError(f"{path}: {n} rows of probabilities but {len(labels)} labels")
     if labels is not None:
         labels = class_indices(path, labels.reshape(-1), "labels")
         if labels.max(initial=0) >= probs.shape[2]:
@@ -206,9 +205,7 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     probs = ensemble_probs(list(test), weights)
     arrays = probs_arrays(test_side.ids, probs.numpy(), classes, test_names, test.numpy(), blend=weights, source="the blend")
     write_submission(submission_table(fmt, test_side.ids, probs.numpy(), classes, unlabelled[0]), out, arrays)
-    warning = one_class_warning(probs.argmax(1).numpy(), classes)
-    if warning:
-        echo(warning)
+    warn_one_class(probs.argmax(1).numpy(), classes, echo)
     used = sum(w > 0 for w in weights)
     echo(f"submission: {out} ({len(test_side.ids):,} rows; {used} of {len(test)} members carry weight)")
     return Path(out)

@@ -15,10 +15,10 @@ from kit.inference.submission import (
     SubmissionFormat,
     check_template_names,
     format_from_template,
-    one_class_warning,
     probs_arrays,
     submission_table,
     template_order,
+    warn_one_class,
     with_classes,
     write_submission,
 )
@@ -56,9 +56,7 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     write_submission(submission_table(fmt, test.ids, probs.numpy(), classes, test_path), out_path, arrays)
     labels = probs.argmax(1).numpy()
     echo(describe(checkpoints, weights, views, labels, layout=test.layout, n=len(test.ids)))
-    warning = one_class_warning(labels, classes)
-    if warning:
-        echo(warning)
+    warn_one_class(labels, classes, echo)
     echo(f"model compute: {compute_seconds:.2f} s for {len(test.ids):,} images x {len(checkpoints)} checkpoints x "
          f"{len(views)} views on {ensemble.prec.device}")
     echo(f"submission: {out_path} ({_describe_format(fmt)})")

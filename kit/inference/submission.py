@@ -9,6 +9,7 @@ the default is `ID,Labels` with class indices."""
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -200,13 +201,12 @@ def _member(probs: np.ndarray, m: int) -> str:
     return f" of member {m}" if len(probs) > 1 else ""
 
 
-def one_class_warning(labels: np.ndarray, classes: list[str]) -> str | None:
+def warn_one_class(labels: np.ndarray, classes: list[str], echo: Callable[[str], None]) -> None:
     """A warning line when every image is given one class: a model broken in a way no check caught (dead weights,
     the wrong normalization) still writes a valid-looking submission."""
     if len(labels) > 1 and len(classes) > 1 and (labels == labels[0]).all():
-        return (f"warning: every one of the {len(labels):,} images is predicted as class {classes[int(labels[0])]!r}: "
-                f"check the checkpoints and the test set before submitting this")
-    return None
+        echo(f"warning: every one of the {len(labels):,} images is predicted as class {classes[int(labels[0])]!r}: "
+             f"check the checkpoints and the test set before submitting this")
 
 
 def check_submission(csv_path: str | Path, test_path: str | Path | None = None, fmt: SubmissionFormat | None = None,
