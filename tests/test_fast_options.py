@@ -9,7 +9,7 @@ import torch
 from kit.data.augment import alternating_flip
 from kit.data.datasets import load_dataset
 from kit.models.resnet import ResNet, ResNetConfig, init_whitening, whiten_stem
-from kit.training.engine import build_trainer
+from kit.training.engine import build_trainer, run_updates
 from kit.training.run import train
 
 CPU = torch.device("cpu")
@@ -67,7 +67,7 @@ def test_alternating_flip_alternates_per_image():
 def test_batchnorm_parameters_get_their_lr_scale(demo_data, quiet, tiny_recipe):
     recipe = tiny_recipe(optim__norm_lr_scale=8.0)
     trainer = build_trainer(recipe, load_dataset(recipe.data, demo_data), CPU, echo=quiet)
-    trainer.epoch(max_updates=2)
+    run_updates(trainer, 2)
     groups = trainer.optimizer.param_groups
     assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 8.0]
     norms = {id(p) for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}

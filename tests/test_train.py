@@ -12,6 +12,7 @@ from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 from kit.cli import RECIPES_DIR, recipe_files
 from kit.errors import KitError
 from kit.recipe import load_recipe
+from kit.training.engine import run_updates
 from kit.training.run import METRIC_COLUMNS, resume, train
 from kit.training.schedule import lr_table
 
@@ -187,7 +188,7 @@ def test_eager_update_equals_a_plain_training_loop(demo_data, quiet, tiny_recipe
     recipe = tiny_recipe(optim__grad_clip=1.0, train__label_smoothing=0.1)
     dataset = load_dataset(recipe.data, demo_data)
     ours = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)
-    ours.epoch(max_updates=5)
+    run_updates(ours, 5)
     ref = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)  # same seeds: same weights, same streams
     order = torch.randperm(len(ref.data), generator=ref.order_gen)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -238,10 +239,10 @@ def test_a_trainer_state_round_trips(demo_data, quiet, tiny_recipe):
     recipe = tiny_recipe()
     dataset = load_dataset(recipe.data, demo_data)
     first, second = (build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet) for _ in range(2))
-    first.epoch(max_updates=3)
+    run_updates(first, 3)
     assert second.load_state_dict(copy.deepcopy(first.state_dict()), epoch=0)
-    first.epoch(max_updates=2)
-    second.epoch(max_updates=2)
+    run_updates(first, 2)
+    run_updates(second, 2)
     assert first.num_updates == second.num_updates == 5
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
 
@@ -265,3 +266,76 @@ def test_a_run_keeps_its_validation_probabilities_with_the_images_ids(trained_ru
     checkpoint = load_checkpoint(trained_run, "better", torch.device("cpu"))
     again = checkpoint.probs(held_out.images, tta_views("none"), 100, inference_precision(torch.device("cpu"), "fp32"))
     assert np.allclose(saved["probs"], again.numpy(), atol=1e-5)
+
+
+def test_the_trainer_owns_the_one_epoch_loop():
+    """Issue 38, part 5: only Trainer.fit runs updates and starts epochs; Run.fit, lr-find, kit bench and the tests
+    drive it through hooks (a second loop anywhere in kit fails this)."""
+    import ast
+    from pathlib import Path
+    kit_dir = Path(__file__).resolve().parent.parent / "kit"
+    callers = set()
+    for path in kit_dir.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef):
+                for node in ast.walk(func):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                            node.func.attr in ("next_update", "start_epoch"):
+                        callers.add(f"{path.relative_to(kit_dir.parent)}:{func.name}")
+    assert callers == {"kit/training/engine.py:fit"}
+
+
+def test_hooks_stop_an_epoch_and_the_next_fit_goes_on_from_there(demo_data, quiet, tiny_recipe):
+    """Hooks see every update and epoch; a stop in the middle of an epoch and a second fit end where one fit does."""
+    from kit.data.datasets import load_dataset
+    from kit.training.engine import Hooks, build_trainer
+    recipe = tiny_recipe(train__epochs=2)
+    dataset = load_dataset(recipe.data, demo_data)
+
+    class StopOnce(Hooks):
+        def __init__(self, at):
+            self.at, self.seen, self.epochs = at, [], []
+
+        def after_update(self, trainer, done):
+            self.seen.append(done)
+            return trainer.num_updates == self.at
+
+        def after_epoch(self, trainer, result):
+            self.epochs.append((result.epoch, result.complete, result.updates))
+            return result.complete
+
+    whole, split = (build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet) for _ in range(2))
+    whole.fit()
+    per_epoch = whole.updates_per_epoch
+    hooks = StopOnce(at=per_epoch + 2)
+    split.fit(hooks)
+    assert hooks.epochs == [(1, True, per_epoch), (2, False, 2)] and split.num_updates == per_epoch + 2
+    split.fit(hooks)  # goes on inside epoch 2, with its permutation and sums
+    assert hooks.epochs[-1] == (2, True, per_epoch) and hooks.seen[-1] == per_epoch
+    assert whole.num_updates == split.num_updates == 2 * per_epoch and split.epochs_done == 2
+    for a, b in zip(whole.model.state_dict().values(), split.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mix", [{}, {"augment__mixup_alpha": 0.4}], ids=["plain", "mixup"])
+def test_soft_one_hot_targets_train_as_the_hard_labels_do(demo_data, quiet, tiny_recipe, mix):
+    """Issue 38, part 5: targets may be soft (pseudo-labels). One-hot soft targets are the hard labels: the same
+    weights, with label smoothing and with mixup (images mixed as timm mixes them, targets with the same lambda)."""
+    import dataclasses
+
+    from kit.data.datasets import load_dataset
+    from kit.training.engine import build_trainer
+    recipe = tiny_recipe(train__label_smoothing=0.1, **mix)
+    dataset = load_dataset(recipe.data, demo_data)
+    hard = build_trainer(recipe, dataset, torch.device("cpu"), echo=quiet)
+    run_updates(hard, 4)
+    soft_train = dataclasses.replace(dataset.train, soft=torch.nn.functional.one_hot(dataset.train.labels, 10).float())
+    soft = build_trainer(recipe, dataclasses.replace(dataset, train=soft_train), torch.device("cpu"), echo=quiet)
+    run_updates(soft, 4)
+    for (name, a), b in zip(hard.model.state_dict().items(), soft.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), (name, (a.float() - b.float()).abs().max())
+    changed = build_trainer(recipe, dataclasses.replace(dataset, train=dataclasses.replace(
+        soft_train, soft=soft_train.soft.roll(1, dims=1))), torch.device("cpu"), echo=quiet)
+    run_updates(changed, 4)
+    assert not torch.allclose(changed.model.fc.weight, hard.model.fc.weight, atol=1e-3)  # the targets are what trains

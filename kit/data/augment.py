@@ -139,8 +139,9 @@ class BatchAugment:
                                label_smoothing=label_smoothing, num_classes=num_classes)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, index: torch.Tensor | None = None,
-                 parity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`index` (the images' dataset indices) and `parity` (the epoch's, 0 or 1) drive alternating flips."""
+                 parity: torch.Tensor | None = None, soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index` (the images' dataset indices) and `parity` (the epoch's, 0 or 1) drive alternating flips. `soft`:
+        (B, K) class probabilities to train on instead of `labels` (pseudo-labels), mixed as mixup mixes labels."""
         spec, x = self.spec, to_float(images)
         if spec.crop_padding:
             x = random_crop(x, spec.crop_padding, gen, spec.crop_padding_mode)
@@ -165,6 +166,17 @@ class BatchAugment:
             x = cutout(x, spec.cutout_size, gen)
         if spec.erasing_prob:
             x = random_erasing(x, spec.erasing_prob, spec.erasing_area, spec.erasing_mode, gen)
+        if self.mixup is not None and soft is not None:
+            return x, self._mix_soft(x, soft)
         if self.mixup is not None:
             return self.mixup(x, labels)  # soft targets for SoftTargetCrossEntropy
-        return x, labels
+        return x, labels if soft is None else soft  # nn.CrossEntropyLoss takes class indices or probabilities
+
+    def _mix_soft(self, x: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """timm's Mixup on soft targets: the batch mixed in place with its reverse (timm's own `_mix_batch`, so the
+        images are mixed exactly as for hard labels), the smoothed targets mixed with the same lambda
+        (timm's `mixup_target` does this for class indices only)."""
+        lam = self.mixup._mix_batch(x)
+        smooth = self.mixup.label_smoothing
+        targets = soft * (1 - smooth) + smooth / soft.shape[1]
+        return targets * lam + targets.flip(0) * (1 - lam)

@@ -30,19 +30,21 @@ class Labelled:
     (a CIFAR batch's file names, else `<batch>/<index>`; a folder's `<class>/<stem>`; a CSV's or an .npz's id, else its
     row number from 1): they travel with the images through every split, so an id is never re-derived from a row."""
     images: torch.Tensor  # (N, C, S, S) uint8
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64: the class trained on (for a soft target, its most likely class)
     ids: np.ndarray  # (N,) on the host
+    soft: torch.Tensor | None = None  # (N, K) float32 class probabilities to train on (pseudo-labels), else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "Labelled":
-        return Labelled(self.images.to(device), self.labels.to(device), self.ids)
+        return Labelled(self.images.to(device), self.labels.to(device), self.ids,
+                        None if self.soft is None else self.soft.to(device))
 
     def subset(self, index) -> "Labelled":
-        """The images at `index` (a host tensor, array or slice), with their labels and ids."""
+        """The images at `index` (a host tensor, array or slice), with their labels, ids and soft targets."""
         rows = index.numpy() if isinstance(index, torch.Tensor) else index
-        return Labelled(self.images[index], self.labels[index], self.ids[rows])
+        return Labelled(self.images[index], self.labels[index], self.ids[rows], None if self.soft is None else self.soft[index])
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,21 @@ def _batch_ids(path: Path, obj: dict, n: int) -> np.ndarray:
     return np.array([f"{path.name}/{i}" for i in range(n)], dtype=object)
 
 
-def _concat(splits: list[Labelled]) -> Labelled:
+def concat(splits: list[Labelled], num_classes: int | None = None) -> Labelled:
+    """One set of several; where any has soft targets, every image gets them (a hard label as its one-hot row)."""
+    soft = None
+    if any(s.soft is not None for s in splits):
+        soft = torch.cat([s.soft if s.soft is not None else torch.nn.functional.one_hot(s.labels, num_classes).float()
+                          for s in splits])
     return Labelled(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]),
-                    np.concatenate([s.ids for s in splits]))
+                    np.concatenate([s.ids for s in splits]), soft)
 
 
 def read_cifar10(root: Path) -> tuple[Labelled, Labelled, list[str]]:
     """(train, test_batch, class names) from root/cifar-10-batches-py."""
     base = root / CIFAR10_DIR
     what = f"the CIFAR-10 python layout ({CIFAR10_DIR}/data_batch_1..5, test_batch, batches.meta); {LAYOUT_HINT}"
-    train = _concat([_batch(base / f"data_batch_{i}", b"labels", what) for i in range(1, 6)])
+    train = concat([_batch(base / f"data_batch_{i}", b"labels", what) for i in range(1, 6)])
     test = _batch(base / "test_batch", b"labels", what)
     meta = read_pickle(base / "batches.meta", what)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(b"label_names", [])]

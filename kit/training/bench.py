@@ -18,7 +18,7 @@ from kit.data.datasets import Labelled, load_dataset
 from kit.device import choose_precision, resolve_device, training_precision
 from kit.models import build_model
 from kit.recipe import AugmentSpec, Recipe, known_num_classes, with_num_classes
-from kit.training.engine import PHASES, Trainer, build_trainer
+from kit.training.engine import PHASES, Trainer, build_trainer, run_updates
 from kit.training.optim import build_optimizer
 from kit.training.run import silent
 from kit.training.streams import seed_everything
@@ -69,11 +69,9 @@ def _timed(fn: Callable[[], int], device: torch.device) -> float:
 
 
 def _run_updates(trainer: Trainer, n: int) -> int:
-    """n updates (over as many epochs as needed); returns the images trained on."""
-    done = 0
-    while done < n:
-        done += trainer.epoch(max_updates=n - done).images // trainer.batch_size
-    return done * trainer.batch_size
+    """n updates through the Trainer's epoch loop (over as many epochs as needed); returns the images trained on."""
+    run_updates(trainer, n)
+    return n * trainer.batch_size
 
 
 def bench_kit(recipe: Recipe, data: KitDataset, device: torch.device, updates: int, untimed: int) -> tuple[float, bool]:
@@ -94,9 +92,7 @@ def update_breakdown(recipe: Recipe, data: KitDataset, device: torch.device, upd
     totals = dict.fromkeys(PHASES, 0.0)
     marks: list = []  # per update: its start, then the end of each phase
     t.on_phase = lambda phase: marks.append(clock.mark())
-    done = 0
-    while done < updates:  # epoch by epoch, as training runs them
-        done += t.epoch(max_updates=updates - done).updates
+    run_updates(t, updates)  # epoch by epoch, as training runs them
     t.on_phase = None
     for start in range(0, len(marks), len(PHASES) + 1):
         for phase, ms in zip(PHASES, clock.elapsed_ms(marks[start:start + len(PHASES) + 1])):

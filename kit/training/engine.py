@@ -21,6 +21,7 @@ from torch import nn
 from kit.data.augment import BatchAugment, normalize, to_float
 from kit.data.datasets import Dataset, Labelled
 from kit.device import Precision, captures, compiles, side_stream, synchronize, training_precision
+from kit.faults import fault_point
 from kit.recipe import OptimSpec, Recipe, with_num_classes
 from kit.training import distributed
 from kit.training.ema import CachedModelEma
@@ -55,6 +56,40 @@ class EpochResult:
     skipped: int = 0  # fp16: updates the loss scaler skipped (a non-finite gradient)
     updates: int = 0  # done in this epoch (those before a resume included)
     complete: bool = True  # False: stopped on request before the epoch's last update
+    epoch: int = 0  # its number, from 1
+    lr: float = float("nan")  # the LR at its first update
+
+
+class Hooks:
+    """What a driver of the one epoch loop (`Trainer.fit`) does between updates and at each epoch's end, as fastai's
+    callbacks: Run (scoring, saving, the progress bar, signals), lr-find (the sweep's losses and its stop rule), kit
+    bench and the tests (a number of updates). Never inside the update, which may be a captured CUDA graph. The
+    defaults train every planned epoch."""
+
+    def before_epoch(self, trainer: "Trainer") -> None:
+        """The epoch's permutation is drawn (or, for an epoch stopped in the middle, its position restored)."""
+
+    def after_update(self, trainer: "Trainer", done: int) -> bool:
+        """After each update (`done` of this epoch's, those before a resume included); True stops the epoch here."""
+        return False
+
+    def after_epoch(self, trainer: "Trainer", result: "EpochResult") -> bool:
+        """After the epoch's updates (all, or those before a stop); False ends the loop."""
+        return result.complete
+
+
+class UpdateBudget(Hooks):
+    """Stop once the Trainer has done `until` updates in all (kit bench, lr-find's length, the tests)."""
+
+    def __init__(self, until: int):
+        self.until, self.results = until, []
+
+    def after_update(self, trainer: "Trainer", done: int) -> bool:
+        return trainer.num_updates >= self.until
+
+    def after_epoch(self, trainer: "Trainer", result: "EpochResult") -> bool:
+        self.results.append(result)
+        return trainer.num_updates < self.until
 
 
 PHASES = ("augmentation", "forward + backward", "optimizer + EMA")  # Trainer.update's on_phase: "start", then these ends
@@ -80,7 +115,8 @@ class Trainer:
     rank: int = 0
     world_size: int = 1
     capture: bool = False  # record the update as a CUDA graph (decided by `build_trainer`: `graph_blocker`, `captures`)
-    num_updates: int = 0  # host count of updates done (the device keeps its own in `device_updates`)
+    num_epochs: int = 1  # planned: `fit` trains until this many epochs are done (train.epochs)
+    num_updates: int = 0  # host count of updates done (the device keeps its own in `device_updates`): the epoch count too
     echo: Callable[[str], None] = print
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
     on_phase: Callable[[str], None] | None = field(default=None, repr=False)  # kit bench's clock (never while capturing)
@@ -101,6 +137,15 @@ class Trainer:
     @property
     def updates_per_epoch(self) -> int:
         return len(self.data) // self.batch_size  # the last partial batch is dropped
+
+    @property
+    def epochs_done(self) -> int:
+        return self.num_updates // max(self.updates_per_epoch, 1)
+
+    @property
+    def in_epoch(self) -> int:
+        """Updates done in the epoch in progress (non-zero only when a hook stopped it in the middle)."""
+        return self.num_updates - self.epochs_done * self.updates_per_epoch
 
     @property
     def ema_model(self) -> nn.Module | None:
@@ -126,7 +171,8 @@ class Trainer:
         # this rank's slice of the next batch of the epoch's permutation, augmented on the device
         index = self.order.index_select(0, self.offset + self._lane)  # (B_local,)
         images, labels = self.data.images.index_select(0, index), self.data.labels.index_select(0, index)
-        inputs, targets = self.augment(images, labels, self.aug_gen, index=index, parity=self.parity)
+        soft = None if self.data.soft is None else self.data.soft.index_select(0, index)  # (B_local, K): pseudo-labels
+        inputs, targets = self.augment(images, labels, self.aug_gen, index=index, parity=self.parity, soft=soft)
         if self.on_phase is not None:
             self.on_phase(PHASES[0])
         with self.prec.autocast():  # forward and loss
@@ -181,22 +227,32 @@ class Trainer:
             return self._eager_before_capture
         return self.update
 
-    def end_epoch(self, done: int, planned: int, seconds: float) -> EpochResult:
+    def end_epoch(self, done: int, planned: int, seconds: float, epoch: int = 0, lr: float = float("nan")) -> EpochResult:
         """The epoch's figures after `done` of its `planned` updates (the device sums read once, summed over ranks)."""
         loss_sum, correct, seen = self._totals(done)
         loss_value = loss_sum.item() / max(done, 1)  # every batch has the same size: mean of batch means
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, seconds, finite=bool(torch.isfinite(loss_sum).item()),
-                           skipped=int(self.skipped_sum.item()), updates=done, complete=done == planned)
+                           skipped=int(self.skipped_sum.item()), updates=done, complete=done == planned, epoch=epoch, lr=lr)
 
-    def epoch(self, max_updates: int | None = None) -> EpochResult:
-        """One pass over a fresh permutation (the last partial batch is dropped so every update has one shape), or its
-        first `max_updates`: for kit bench and the tests, which train a Trainer without a run (Run.fit is the run's loop)."""
-        planned = self.updates_per_epoch if max_updates is None else min(self.updates_per_epoch, max_updates)
-        start = time.perf_counter()
-        self.start_epoch()
-        for _ in range(planned):
-            self.next_update()()
-        return self.end_epoch(planned, planned, time.perf_counter() - start)
+    def fit(self, hooks: Hooks = Hooks()) -> None:
+        """The one epoch loop, top to bottom, that Run.fit, lr-find, kit bench and the tests drive through `hooks`: each
+        epoch's updates (Trainer.update, or its CUDA graph's replay; the last partial batch is dropped so every update
+        has one shape), then its figures. An epoch a hook stopped in the middle goes on from there at the next call."""
+        while self.epochs_done < self.num_epochs:
+            epoch, planned, done = self.epochs_done, self.updates_per_epoch, self.in_epoch
+            lr, start = self.lr.at_epoch(epoch), time.perf_counter()
+            if done == 0:
+                self.start_epoch()
+            hooks.before_epoch(self)
+            while done < planned:
+                fault_point(f"update:{self.num_updates}")
+                self.next_update()()
+                done += 1
+                if hooks.after_update(self, done):
+                    break
+            result = self.end_epoch(done, planned, time.perf_counter() - start, epoch + 1, lr)
+            if not hooks.after_epoch(self, result):
+                return
 
     def _replay(self) -> None:
         self.graph.replay()
@@ -362,4 +418,17 @@ def build_trainer(recipe: Recipe, dataset: Dataset, device: torch.device, source
     order_gen = torch.Generator(device=device).manual_seed(spec.seed)
     aug_gen = torch.Generator(device=device).manual_seed(spec.seed + AUGMENT_SEED_STRIDE * (rank + 1))
     return Trainer(model, forward_loss, optimizer, augment, train, lr, recipe.optim, prec, order_gen, aug_gen,
-                   spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size, capture=capture, echo=echo)
+                   spec.batch_size, ema=ema, scaler=scaler, rank=rank, world_size=world_size, capture=capture,
+                   num_epochs=spec.epochs, echo=echo)
+
+
+def run_updates(trainer: Trainer, n: int) -> list[EpochResult]:
+    """`n` more updates through the epoch loop, across epochs as needed and whatever the planned epochs (kit bench,
+    the tests); returns the figures of each epoch run (the last one stopped at the n-th update)."""
+    budget = UpdateBudget(trainer.num_updates + n)
+    planned, trainer.num_epochs = trainer.num_epochs, -(-(trainer.num_updates + n) // trainer.updates_per_epoch)
+    try:
+        trainer.fit(budget)
+    finally:
+        trainer.num_epochs = planned
+    return budget.results

@@ -23,7 +23,7 @@ from kit.data.datasets import load_dataset
 from kit.device import resolve_device
 from kit.errors import KitError
 from kit.recipe import LR_FIND_RULES, LR_FIND_UPDATES, Recipe
-from kit.training.engine import build_trainer
+from kit.training.engine import EpochResult, Hooks, Trainer, build_trainer
 from kit.training.run import check_batch, silent, with_data_root
 
 SMOOTHING = 0.98  # the stop rule's running average of the loss, debiased (fastai's beta)
@@ -121,25 +121,39 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
     trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)  # sizes the head to the data
     lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
     trainer.lr.use_table(torch.from_numpy(lrs))
-    sums = torch.zeros(updates, device=trainer.prec.device)  # each update's running epoch sum, read every CHECK_EVERY
-    done, diverged = 0, False
-    while done < updates and not diverged:
-        if done % trainer.updates_per_epoch == 0:
-            trainer.start_epoch()
-        trainer.next_update()()  # Trainer.update at this update's LR (or its graph's replay)
-        sums[done] = trainer.loss_sum
-        done += 1
-        if done % CHECK_EVERY == 0 or done == updates:
-            losses = _per_update(sums[:done].cpu().numpy(), trainer.updates_per_epoch)
-            running = running_average(losses)
-            finite = running[np.isfinite(running)]
-            diverged = not np.isfinite(running[-1]) or running[-1] > diverge * finite.min()
-    # the loop ends only after a check (done == updates, or a divergence found by one): `losses` holds every update run
+    sweep = Sweep(updates, diverge, trainer.prec.device)
+    trainer.num_epochs = -(-updates // trainer.updates_per_epoch)  # across epochs as needed
+    trainer.fit(sweep)  # the Trainer's own epoch loop, this sweep as its hooks
+    done, losses = sweep.done, sweep.losses
     smoothed = centered_average(lrs[:done], losses)
     if not np.isfinite(smoothed).any():
         raise KitError(f"{recipe.name}: the loss was not finite from the first update (at LR {start_lr:g}); lower --start-lr")
     minimum, steep = suggestions(lrs[:done], smoothed)
-    return LRFind(recipe.name, lrs[:done], losses, smoothed, minimum, steep, diverged, updates, recipe.schedule.name)
+    return LRFind(recipe.name, lrs[:done], losses, smoothed, minimum, steep, sweep.diverged, updates, recipe.schedule.name)
+
+
+class Sweep(Hooks):
+    """lr-find's hooks on the Trainer's loop: each update's running epoch loss kept on the device, read every
+    CHECK_EVERY updates (each read waits for the device), the sweep stopped once it has run `updates` or diverged."""
+
+    def __init__(self, updates: int, diverge: float, device: torch.device):
+        self.updates, self.diverge = updates, diverge
+        self.sums = torch.zeros(updates, device=device)  # each update's running epoch sum of batch losses
+        self.done, self.diverged, self.losses = 0, False, np.empty(0)
+
+    def after_update(self, trainer: Trainer, done: int) -> bool:
+        self.sums[self.done] = trainer.loss_sum
+        self.done += 1
+        if self.done % CHECK_EVERY == 0 or self.done == self.updates:
+            self.losses = _per_update(self.sums[:self.done].cpu().numpy(), trainer.updates_per_epoch)
+            running = running_average(self.losses)
+            finite = running[np.isfinite(running)]
+            self.diverged = not np.isfinite(running[-1]) or running[-1] > self.diverge * finite.min()
+        # the sweep ends only after a check (its last update, or a divergence found by one): `losses` holds every update
+        return self.diverged or self.done == self.updates
+
+    def after_epoch(self, trainer: Trainer, result: EpochResult) -> bool:
+        return not (self.diverged or self.done == self.updates)
 
 
 def _per_update(sums: np.ndarray, updates_per_epoch: int) -> np.ndarray:

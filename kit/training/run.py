@@ -33,7 +33,7 @@ from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_nu
 from kit.training import distributed
 from kit.training.distill import resolve_teachers
 from kit.training.distributed import Ranks
-from kit.training.engine import EpochResult, Trainer, build_trainer
+from kit.training.engine import EpochResult, Hooks, Trainer, build_trainer
 from kit.training.tensorboard import EpochLog
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "seconds", "images_per_s",
@@ -63,9 +63,10 @@ def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
 VAL_PROBS = "val.probs.npz"  # a run's validation probabilities at its best epoch (kit blend's labelled side)
 
 
-class Run:
+class Run(Hooks):
     """One run directory being trained (by this process, one of `ranks`): the trainer, the images it is
-    validated on, the normalization, the metrics history and which epoch is best."""
+    validated on, the normalization, the metrics history and which epoch is best. It drives the Trainer's epoch loop
+    as its hooks: the progress bar and signals between updates; scoring, saving and early stopping at each epoch's end."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, trainer: Trainer, dataset: Dataset, echo: Callable[[str], None],
                  ranks: Ranks = Ranks()):
@@ -74,18 +75,24 @@ class Run:
         self.held_out = dataset.held_out.to(device)  # the validation images
         self.mean, self.std = torch.tensor(dataset.mean, device=device), torch.tensor(dataset.std, device=device)
         self.echo = echo if ranks.main else silent
-        self.epoch = 0  # epochs completed
         self.best_acc, self.best_epoch, self.best_weights_from = -1.0, 0, "raw"
         self.weights_from = "raw"  # the better of raw and EMA at the last completed epoch
         self.metrics = pd.DataFrame()
         self.val_probs: torch.Tensor | None = None  # the better weights' probabilities on the held-out images, last epoch
         self.log: EpochLog | None = None
         self.stop = StopRequest()
+        self.progress: EpochProgress | None = None
+        self.on_epoch_end: Callable[["Run"], None] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed (the Trainer's count)."""
+        return self.trainer.epochs_done
 
     @property
     def in_epoch(self) -> int:
-        """Updates done in the epoch in progress (non-zero only when a signal stopped it), from the Trainer's count."""
-        return self.trainer.num_updates - self.epoch * self.trainer.updates_per_epoch
+        """Updates done in the epoch in progress (non-zero only when a signal stopped it), the Trainer's count."""
+        return self.trainer.in_epoch
 
     def payload(self) -> dict:
         """The checkpoint: the trainer's state and the run's (collective under torchrun: every rank's
@@ -103,10 +110,13 @@ class Run:
         t = self.trainer
         if self.recipe.schedule.name == "onecycle" and payload["planned_epochs"] != self.recipe.train.epochs:
             raise KitError(f"a one-cycle schedule cannot be extended: the run was planned for {payload['planned_epochs']} epochs")
-        self.epoch = payload["epoch"]
         self.best_acc, self.best_epoch, self.best_weights_from = payload["best_acc"], payload["best_epoch"], payload["best_weights_from"]
         self.weights_from = payload.get("weights_from", self.best_weights_from)
-        if not t.load_state_dict(payload, self.epoch, payload["path"]):
+        epoch = payload["epoch"]
+        if epoch * t.updates_per_epoch + payload.get("in_epoch", 0) != payload["num_updates"]:
+            raise KitError(f"{payload['path']}: {payload['num_updates']} updates do not make {epoch} epochs of "
+                           f"{t.updates_per_epoch}: resume with the run's own train.batch_size and data")
+        if not t.load_state_dict(payload, epoch, payload["path"]):
             saved = f"{payload['rng'].get('generator_device', '?')} with {len(payload['rng'].get('augment', []))} process(es)"
             self.echo(f"note: the data streams were saved on {saved} and cannot continue on {t.order_gen.device.type} with "
                       f"{self.ranks.world_size}: they restart from train.seed + {self.epoch} (the run goes on, not bit-exactly)")
@@ -199,30 +209,21 @@ class Run:
         return patience is not None and self.epoch - self.best_epoch >= patience
 
     def fit(self, on_epoch_end: Callable[["Run"], None] | None = None) -> None:
-        """The run's loop, top to bottom: each epoch's updates (Trainer.update, or its CUDA graph's replay), then the
-        epoch scored, saved and printed. A signal stops it at the next update, its position saved in last.pt."""
+        """Train the planned epochs through the Trainer's loop (kit/training/engine.py: Trainer.fit, Trainer.update),
+        this run as its hooks. A signal stops it at the next update, its position saved in last.pt."""
         t, spec = self.trainer, self.recipe.train
+        if self.should_stop_early():  # a finished run resumed: it stopped early, and would stop again at once
+            self.echo(f"{self.dir}: stopped early at epoch {self.epoch} (best {self.best_acc:.2%} at epoch {self.best_epoch})")
+            return
         if spec.log == "tensorboard" and self.ranks.main:
             self.log = EpochLog(self.dir, self.recipe.name, first_epoch=self.epoch + 1)
+        self.on_epoch_end = on_epoch_end
         try:
             with deterministic(spec.deterministic), self.stop.installed():
-                while self.epoch < spec.epochs:
-                    lr, planned, done, start = t.lr.at_epoch(self.epoch), t.updates_per_epoch, self.in_epoch, time.perf_counter()
-                    if done == 0:  # else: an epoch stopped by a signal goes on from its saved position
-                        t.start_epoch()
-                    with EpochProgress(self.epoch + 1, spec.epochs, planned, self.ranks.main) as progress:
-                        while done < planned:
-                            fault_point(f"update:{t.num_updates}")
-                            t.next_update()()  # kit/training/engine.py: Trainer.update (or its graph's replay)
-                            done += 1
-                            if progress is not None:
-                                progress(t.local_batch, t.loss_sum)
-                            if done < planned and self.stop_asked():
-                                break
-                    result = t.end_epoch(done, planned, time.perf_counter() - start)
-                    if not self.close_epoch(lr, result, on_epoch_end):
-                        break
+                t.fit(self)
         finally:
+            if self.progress is not None:
+                self.progress.close()
             if self.log is not None:
                 self.log.close()
         if not distributed.parameters_agree(t.model, self.ranks):
@@ -230,17 +231,27 @@ class Run:
         if self.ranks.world_size > 1:
             self.echo(f"ranks agree: identical parameters in all {self.ranks.world_size} processes")
 
+    def before_epoch(self, trainer: Trainer) -> None:
+        self.progress = EpochProgress(self.epoch + 1, self.recipe.train.epochs, trainer.updates_per_epoch, self.ranks.main)
+
+    def after_update(self, trainer: Trainer, done: int) -> bool:
+        self.progress.update(trainer.local_batch, trainer.loss_sum)
+        return done < trainer.updates_per_epoch and self.stop_asked()
+
+    def after_epoch(self, trainer: Trainer, result: EpochResult) -> bool:
+        self.progress.close()
+        return self.close_epoch(result.lr, result, self.on_epoch_end)
+
     def close_epoch(self, lr: float, result: EpochResult, on_epoch_end: Callable[["Run"], None] | None) -> bool:
         """After an epoch's updates: score, save and print it, or save where a signal stopped it and raise; returns
         whether training goes on (False: early stopping)."""
         if not result.complete:  # stopped inside the epoch: last.pt records the update it stopped at
             self.save()
             raise self.stopped(f"at update {self.trainer.num_updates} ({result.updates} of "
-                               f"{self.trainer.updates_per_epoch} in epoch {self.epoch + 1})")
+                               f"{self.trainer.updates_per_epoch} in epoch {result.epoch})")
         if not result.finite:
-            raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {self.epoch + 1}; "
-                           f"the last good checkpoint is {self.dir / 'last.pt'} (epoch {self.epoch})")
-        self.epoch += 1
+            raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {result.epoch}; "
+                           f"the last good checkpoint is {self.dir / 'last.pt'} (epoch {result.epoch - 1})")
         row = self.record(lr, result)
         self.save()
         self.echo(_summary(row, self.recipe.train.epochs))
@@ -276,19 +287,19 @@ class EpochProgress:
             from tqdm.auto import tqdm  # a notebook's own bar in Jupyter (with ipywidgets), text elsewhere
             self.bar = tqdm(total=updates, desc=f"epoch {epoch}/{epochs}", leave=False, unit="update")
 
-    def __enter__(self):
-        return self.update if self.bar is not None else None
-
     def update(self, images: int, loss_sum: torch.Tensor) -> None:
+        if self.bar is None:
+            return
         self.bar.update(1)
         self.n += 1
         if self.n % 20 == 0:  # .item() syncs the device: only now and then
             rate = self.bar.format_dict["rate"] or 0
             self.bar.set_postfix(loss=f"{loss_sum.item() / self.n:.3f}", img_s=f"{rate * images:,.0f}")
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def train(recipe: Recipe, data_root: str | Path | None = None, out_root: str | Path = "runs", device: str = "auto",

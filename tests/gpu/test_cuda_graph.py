@@ -16,7 +16,7 @@ import torch
 from kit.cli import RECIPES_DIR
 from kit.data.datasets import load_dataset
 from kit.recipe import load_recipe
-from kit.training.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer
+from kit.training.engine import EAGER_UPDATES_BEFORE_CAPTURE, build_trainer, run_updates
 from kit.training.hazards import find_hazards
 from kit.training.run import resume, train
 
@@ -41,7 +41,7 @@ def make_trainer(demo_data, quiet):
 
 def _updates(trainer, n: int) -> None:
     trainer.forward_loss.train()
-    trainer.epoch(max_updates=n)
+    run_updates(trainer, n)
 
 
 @pytest.mark.parametrize("name", CIFAR10_RECIPES)
