@@ -154,7 +154,7 @@ def test_sample_submissions(header, rows, classes):
                               max_size=5),
        labelled=st.booleans())
 def test_probability_files(arrays, labelled):
-    from kit.inference.blend import read_probs
+    from kit.inference.probs import read_probs
 
     def valid(f):
         probs = f.member_probs.numpy()

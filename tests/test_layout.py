@@ -81,8 +81,9 @@ def test_each_room_is_a_folder(room):
     assert len(list(KIT.glob("*.py"))) <= 8  # the rest of kit/ is the core and the commands, not 40 modules side by side
 
 
-def test_kit_train_reaches_the_update_in_three_calls(monkeypatch, demo_data, tmp_path, run):
-    """The click command calls train, train calls the run's loop (Run.fit), the loop calls Trainer.update."""
+def test_kit_train_reaches_the_update_in_four_calls(monkeypatch, demo_data, tmp_path, run):
+    """The click command calls train, train calls Run.fit, which hands itself as hooks to the one epoch loop
+    (Trainer.fit), which calls Trainer.update."""
     import inspect
 
     from kit.cli import RECIPES_DIR
@@ -100,4 +101,4 @@ def test_kit_train_reaches_the_update_in_three_calls(monkeypatch, demo_data, tmp
     code, out = run("train", RECIPES_DIR / "demo.yaml", "--data-root", demo_data, "--runs", tmp_path, "--device", "cpu",
                     "--set", "train.epochs=1", "--set", "model.args.width=0.125")
     assert code == 0, out
-    assert callers == ["train_cmd", "train", "fit"]
+    assert callers == ["train_cmd", "train", "fit", "fit"]

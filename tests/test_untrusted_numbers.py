@@ -125,8 +125,8 @@ def test_a_names_template_whose_labels_are_not_the_models_classes_is_refused(tra
 
 
 def test_duplicate_class_names_are_refused_in_checkpoints_and_probability_files(trained_run, tmp_path, quiet):
-    from kit.inference.blend import read_probs
     from kit.inference.checkpoint import read_payload
+    from kit.inference.probs import read_probs
     payload = _payload(trained_run)
     payload["classes"] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "8"]
     with pytest.raises(KitError, match=r"dup\.pt: classes: the class '8' is named twice"):

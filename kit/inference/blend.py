@@ -14,15 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kit.data.formats import class_indices, class_names, clean_ids, id_key, read_arrays
+from kit.data.formats import id_key
 from kit.errors import KitError
 from kit.inference.ensemble import ensemble_probs
+from kit.inference.probs import ProbFile, probs_arrays, read_probs
 from kit.inference.scores import topk
 from kit.inference.submission import (
     SubmissionFormat,
-    check_probabilities,
     format_from_template,
-    probs_arrays,
     submission_table,
     template_order,
     warn_one_class,
@@ -56,53 +55,6 @@ def selection_halves(labels: torch.Tensor, fraction: float, seed: int = 0) -> tu
     index = torch.arange(len(labels)).numpy()
     choose, report = train_test_split(index, train_size=fraction, random_state=seed, stratify=labels.numpy())
     return torch.from_numpy(choose).sort().values, torch.from_numpy(report).sort().values
-
-
-@dataclass
-class ProbFile:
-    path: Path
-    ids: np.ndarray
-    member_probs: torch.Tensor  # (M, N, K)
-    members: list[str]
-    classes: list[str] | None
-    labels: torch.Tensor | None
-
-
-def read_probs(path: str | Path, labelled: bool) -> ProbFile:
-    """A probability file: kit's (`member_probs`, `members`, `classes`, `labels`) or another program's (`probs`
-    (N, K) and `ids`, plus `labels` when labelled)."""
-    path = Path(path)
-    found = read_arrays(path, {"member_probs", "probs", "ids", "labels", "members", "classes"})
-    if "member_probs" in found:
-        probs = found["member_probs"]
-    elif "probs" in found:
-        probs = found["probs"][None]
-    else:
-        raise KitError(f"{path}: no 'probs' (N, K) or 'member_probs' (M, N, K) array (arrays: {', '.join(found.names)})")
-    if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating) or 0 in probs.shape:
-        raise KitError(f"{path}: the probabilities must be floats of shape (N, K); got {probs.dtype} {probs.shape[1:]}")
-    check_probabilities(path, probs)
-    n = probs.shape[1]
-    if "ids" in found and found["ids"].size != n:
-        raise KitError(f"{path}: {n} rows of probabilities but {found['ids'].size} ids")
-    ids = clean_ids(path, found["ids"].reshape(-1)) if "ids" in found else np.arange(n)
-    labels = found.get("labels")
-    if labelled and labels is None:
-        raise KitError(f"{path}: no 'labels' array: the labelled side of kit blend needs each image's class index "
-                       f"(kit evaluate --probs-out writes one)")
-    if labels is not None and len(labels) != n:
-        raise KitError(f"{path}: {n} rows of probabilities but {len(labels)} labels")
-    if labels is not None:
-        labels = class_indices(path, labels.reshape(-1), "labels")
-        if labels.max(initial=0) >= probs.shape[2]:
-            i = int(np.argmax(labels >= probs.shape[2]))
-            raise KitError(f"{path}: label {labels[i]} (row {i}) is outside its {probs.shape[2]} classes 0..{probs.shape[2] - 1}")
-    members = [str(m) for m in found["members"]] if "members" in found else [path.stem] * len(probs)
-    if len(probs) > 1 and members == [path.stem] * len(probs):
-        members = [f"{path.stem}[{i}]" for i in range(len(probs))]
-    classes = class_names(path, found["classes"], probs.shape[2]) if "classes" in found else None
-    return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
-                    None if labels is None else torch.from_numpy(labels))
 
 
 @dataclass

@@ -14,8 +14,8 @@ from kit.errors import KitError
 from kit.inference.blend import greedy_selection, selection_halves
 from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import Ensemble, ensemble_probs, load_ensemble
+from kit.inference.probs import probs_arrays, write_probs
 from kit.inference.scores import topk
-from kit.inference.submission import probs_arrays, write_probs
 from kit.inference.tta import tta_views
 from kit.io import write_text
 

@@ -11,11 +11,11 @@ import torch
 from kit.data.datasets import read_test_set
 from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import ensemble_probs, load_ensemble
+from kit.inference.probs import probs_arrays
 from kit.inference.submission import (
     SubmissionFormat,
     check_template_names,
     format_from_template,
-    probs_arrays,
     submission_table,
     template_order,
     warn_one_class,

@@ -16,10 +16,9 @@ import pandas as pd
 
 from kit.data.formats import DECIMAL, INTEGER, csv_row, id_key, is_integer, read_csv
 from kit.errors import KitError
-from kit.io import atomic_path, atomic_paths, write_failure
+from kit.inference.probs import PROB_TOLERANCE
+from kit.io import atomic_paths, write_failure
 from kit.recipe import LABEL_STYLES
-
-PROB_TOLERANCE = 1e-3  # how far a row of class probabilities may sum from 1 (they are written with 6 digits)
 
 
 @dataclass(frozen=True)
@@ -151,54 +150,6 @@ def write_submission(table: pd.DataFrame, path: str | Path, probs: dict[str, np.
                 if failure is None:
                     raise
                 raise failure from None
-
-
-def probs_arrays(ids: np.ndarray, probs: np.ndarray, classes: list[str], members: list[str], member_probs: np.ndarray,
-                 labels: np.ndarray | None = None, blend: list[float] | None = None, source: str = "the ensemble") -> dict:
-    """What a probability file holds (`kit blend` reads it): ids, the blended (N, K) `probs`, each member's (M, N, K)
-    `member_probs` with its name in `members` and its `blend` weight, the class names, and the labels when known.
-    The probabilities are checked before anything is written: finite, in [0, 1], rows summing to 1."""
-    check_probabilities(source, member_probs)
-    check_probabilities(source, probs[None])
-    arrays = {"ids": np.asarray(ids).astype(str) if np.asarray(ids).dtype == object else ids, "probs": probs.astype(np.float32),
-              "member_probs": member_probs.astype(np.float32), "classes": np.array(classes), "members": np.array(members)}
-    if labels is not None:
-        arrays["labels"] = labels.astype(np.int64)
-    weights = np.asarray(blend if blend is not None else [1.0] * len(member_probs), dtype=np.float64)
-    arrays["blend"] = weights / weights.sum()
-    return arrays
-
-
-def write_probs(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """A probability file alone (kit evaluate --probs-out)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def check_probabilities(path: str | Path, probs: np.ndarray) -> None:
-    """(M, N, K) class probabilities, checked where they enter and before they are written: finite, in [0, 1], each
-    row summing to 1. Log-probabilities and logits (what a log-loss or a model's last layer gives) are named as such."""
-    if not np.isfinite(probs).all():
-        m, i, _ = np.argwhere(~np.isfinite(probs))[0]
-        bad = int((~np.isfinite(probs)).any(-1).any(0).sum())
-        raise KitError(f"{path}: row {i}{_member(probs, m)} holds {probs[m, i][~np.isfinite(probs[m, i])][0]}, not a "
-                       f"probability ({bad:,} of {probs.shape[1]:,} rows; NaN weights or an overflow in the model?)")
-    sums = probs.sum(-1, dtype=np.float64)
-    inside = (probs >= 0).all() and (probs <= 1).all()
-    if inside and (np.abs(sums - 1) <= PROB_TOLERANCE).all():
-        return
-    if (probs <= 0).all() and (np.abs(np.exp(probs.astype(np.float64)).sum(-1) - 1) <= PROB_TOLERANCE).all():
-        raise KitError(f"{path}: these look like log-probabilities (every value <= 0, their exponentials sum to 1 on "
-                       f"each row); save the probabilities themselves (np.exp of these)")
-    if not inside:
-        raise KitError(f"{path}: values from {probs.min():.4g} to {probs.max():.4g} are not probabilities in [0, 1] "
-                       f"(logits? save their softmax)")
-    m, i = np.argwhere(np.abs(sums - 1) > PROB_TOLERANCE)[0]
-    raise KitError(f"{path}: row {i}{_member(probs, m)}: the class probabilities sum to {sums[m, i]:.4f}, not 1")
-
-
-def _member(probs: np.ndarray, m: int) -> str:
-    return f" of member {m}" if len(probs) > 1 else ""
 
 
 def warn_one_class(labels: np.ndarray, classes: list[str], echo: Callable[[str], None]) -> None:

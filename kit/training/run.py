@@ -26,8 +26,8 @@ from kit.errors import KitError
 from kit.faults import Stopped, StopRequest, fault_point
 from kit.inference.checkpoint import better_weights, read_payload, save_checkpoint
 from kit.inference.plots import in_notebook, plot_curves
+from kit.inference.probs import probs_arrays, write_probs
 from kit.inference.scores import predict_probs, probs_loss_acc
-from kit.inference.submission import probs_arrays, write_probs
 from kit.io import write_text
 from kit.recipe import Recipe, load_recipe, recipe_as_dict, save_recipe, with_num_classes
 from kit.training import distributed
