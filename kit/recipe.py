@@ -37,7 +37,8 @@ LABEL_STYLES = ("index", "name", "probs")  # a submission's labels (kit.inferenc
 REPORT_MISTAKES = 24  # kit report --mistakes: the worst mistakes (and most-disagreed test images) shown
 LR_FIND_RULES = ("minimum", "steep")  # kit lr-find --rule: the LR of the lowest smoothed loss / 10, or the steepest fall
 LR_FIND_UPDATES = 800  # kit lr-find --updates: ~100 a decade from 1e-7 to 10 (README: why not fastai's 100)
-VALIDATION = ("test", "split", "none")  # the labelled test set, a stratified split of the training set, or no validation
+VALIDATION = ("test", "split", "fold", "none")  # the labelled test set, a stratified split of the training set, one
+# of k stratified folds (kit train --folds: the other folds train), or no validation
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class DataSpec:
     channels: Literal[1, 3] = 3  # 1: grayscale (images are converted on reading), 3: RGB
     validation: Literal[VALIDATION] = "test"
     val_fraction: float = fraction(0.2)  # only for validation: split (stratified)
-    split_seed: int = 0
+    split_seed: int = 0  # validation: split and fold
+    folds: int = field(default=5, metadata={"min": 2})  # only for validation: fold (kit train --folds K sets it)
+    fold: int = field(default=0, metadata={"min": 0})  # validation: fold: the fold validated on, 0..folds-1
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -162,6 +165,16 @@ class DistillSpec:
 
 
 @dataclass(frozen=True)
+class PseudoSpec:
+    """Pseudo-labels (kit train --pseudo): unlabelled test images added to the training images (never to validation)
+    with the class a probability file gives them, where its probability passes `threshold`."""
+    probs: str = ""  # a probability file of the unlabelled test set (kit predict's SUBMISSION.probs.npz); "": none
+    test: str = ""  # the unlabelled images; "": the test file the probability file names
+    threshold: float = field(default=0.9, metadata={"min": 0, "max": 1})  # of the predicted class's probability
+    soft: bool = False  # train on the probabilities themselves, not on the predicted class
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -175,6 +188,7 @@ class Recipe:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     predict: PredictSpec = field(default_factory=PredictSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
+    pseudo: PseudoSpec = field(default_factory=PseudoSpec)
 
 
 def recipe_from_dict(raw: dict, source: str, overrides: tuple[str, ...] = ()) -> Recipe:
@@ -290,6 +304,8 @@ def _check_data(recipe: Recipe, source: str) -> None:
         raise KitError(f"{source}: data.test_images: format csv needs the folder of the labelled test images")
     if data.validation == "test" and data.format != "cifar" and not data.test:
         raise KitError(f"{source}: data.validation: test needs data.test (a labelled test set); or use split, or none")
+    if data.validation == "fold" and data.fold >= data.folds:
+        raise KitError(f"{source}: data.fold {data.fold} is not one of the {data.folds} folds 0..{data.folds - 1}")
     if data.classes and recipe.model.num_classes is not None and len(data.classes) != recipe.model.num_classes:
         raise KitError(f"{source}: data.classes names {len(data.classes)} classes but model.num_classes is {recipe.model.num_classes}")
     if data.validation == "none":
@@ -370,6 +386,7 @@ ARGUMENTS = {
     "start_lr": Argument("--start-lr", kind=float, limits={"gt": 0}),
     "end_lr": Argument("--end-lr", kind=float, limits={"gt": 0}),
     "diverge": Argument("--diverge", kind=float, limits={"gt": 1}),
+    "folds": Argument("--folds", kind=int, limits={"min": 2}),
 }
 
 

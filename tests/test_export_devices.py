@@ -23,7 +23,7 @@ def _probs(csv_path) -> np.ndarray:
 
 
 def test_safetensors_export_predicts_like_its_checkpoint(trained_run, demo_data, tmp_path, quiet):
-    out = export(str(trained_run), "safetensors", weights_from="ema", out=str(tmp_path / "m.safetensors"), echo=quiet)
+    out, = export(str(trained_run), "safetensors", weights_from="ema", out=str(tmp_path / "m.safetensors"), echo=quiet)
     pkl = str(demo_data / "cifar_test_nolabel.pkl")
     a = predict([str(trained_run / "best.pt")], pkl, tta="flip", weights_from="ema", out=str(tmp_path / "a.csv"), device="cpu", echo=quiet)
     b = predict([str(out)], pkl, tta="flip", out=str(tmp_path / "b.csv"), device="cpu", echo=quiet)
@@ -46,7 +46,7 @@ def test_safetensors_without_kit_metadata_is_refused(tmp_path):
     torch_version() < ONNX_MIN_TORCH, reason="kit's ONNX export needs a newer torch (it says so in one line)")), "torchscript"])
 def test_onnx_and_torchscript_match_torch(trained_run, tmp_path, fmt):
     lines = []
-    out = export(str(trained_run), fmt, out=str(tmp_path / f"m.{fmt}"), echo=lines.append)
+    out, = export(str(trained_run), fmt, out=str(tmp_path / f"m.{fmt}"), echo=lines.append)
     difference = float(lines[0].rsplit(": ", 1)[1])
     assert out.is_file() and difference < 1e-4
     checkpoint = load_checkpoint(trained_run, "better", CPU)

@@ -112,7 +112,7 @@ def test_seeds_are_separate_runs_each_pinned_to_its_gpu(demo_data, tmp_path, mon
     finished = seeds_module.train_seeds(str(RECIPES_DIR / "demo.yaml"), "demo", [0, 1, 2], devices=("0", "1"),
                                         overrides=("train.epochs=1",), data_root=str(demo_data), runs_dir=str(tmp_path),
                                         device="cpu", echo=lines.append, poll_s=0.1)
-    assert [(r.seed, r.code) for r in finished] == [(0, 0), (1, 0), (2, 0)]
+    assert [(r.name, r.code) for r in finished] == [("seed 0", 0), ("seed 1", 0), ("seed 2", 0)]
     assert [device for _, device in started] == ["0", "1", finished[2].device] and finished[2].device in ("0", "1")
     assert [r.device for r in finished[:2]] == ["0", "1"]  # two at once, one per GPU; the third waits for a free one
     from kit.recipe import load_recipe

@@ -66,17 +66,27 @@ def params_cmd(recipe, overrides):
 @cli.command("train")
 @click.argument("recipe", required=False)
 @set_option
-@click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue this run from its last.pt.")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR",
+              help="Continue this run from its last.pt (a CV directory: its fold in progress, then the rest).")
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
 @click.option("--seeds", metavar="S1,S2,...", help="Train one run per seed instead (RECIPE-sS), spread over --devices.")
+@click.option("--folds", type=argument_type("folds"),
+              help="k-fold cross-validation: one run per fold into runs/<recipe>-cv-<time>/ (oof.probs.npz, cv.csv).")
+@click.option("--pseudo", metavar="TEST.probs.npz",
+              help="Pseudo-labels: add the unlabelled test images this probability file is of (same as --set pseudo.probs=...).")
+@click.option("--pseudo-threshold", metavar="P", help="With --pseudo: the least probability of the predicted class "
+                                                      "(default 0.9; --set pseudo.threshold=...).")
+@click.option("--pseudo-soft", is_flag=True, help="With --pseudo: train on the probabilities, not on the predicted class.")
 @devices_option
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="With --seeds: runs at once per device.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --seeds or --folds: runs at once per device.")
 @device_option
-def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, seeds, devices, jobs, device):
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, seeds, folds, pseudo, pseudo_threshold,
+              pseudo_soft, devices, jobs, device):
     """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device).
     Under torchrun (or with --gpus N) every process trains its slice of each batch; rank 0 writes."""
     from kit.recipe import load_recipe
@@ -84,7 +94,10 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     from kit.training.run import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
-    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ())
+    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ()) + pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft)
+    if folds or (resume_dir and is_cv_dir(resume_dir)):
+        _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)
+        return
     if seeds:
         _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, device, gpus)
         return
@@ -98,6 +111,35 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     _print_run(run)
 
 
+def pseudo_overrides(probs: str | None, threshold: str | None, soft: bool) -> tuple[str, ...]:
+    """--pseudo, --pseudo-threshold and --pseudo-soft as the recipe keys they set (the recipe checks them)."""
+    if (threshold is not None or soft) and not probs:
+        raise KitError("--pseudo-threshold and --pseudo-soft go with --pseudo TEST.probs.npz")
+    if not probs:
+        return ()
+    return (f"pseudo.probs={Path(probs).resolve()}", *((f"pseudo.threshold={threshold}",) if threshold is not None else ()),
+            *(("pseudo.soft=true",) if soft else ()))
+
+
+def is_cv_dir(path: str) -> bool:
+    from kit.training.cv import is_cv_dir as cv_dir
+    return cv_dir(path)
+
+
+def _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds) -> None:
+    from kit.recipe import load_recipe
+    from kit.training.cv import run_cv, train_cv
+    if gpus > 1 or seeds:
+        raise KitError("--folds trains one process per fold: use --devices to spread them, not --gpus or --seeds")
+    if resume_dir:
+        if folds or overrides:
+            raise KitError(f"{resume_dir}: a CV directory resumes as it was planned (no --folds, --set or --pseudo)")
+        cv_dir = run_cv(resume_dir, data_root, device, devices, jobs, echo=click.echo)
+    else:
+        cv_dir = train_cv(load_recipe(recipe, overrides), folds, data_root, out_root, device, devices, jobs, echo=click.echo)
+    click.echo(f"cv: {cv_dir}")
+
+
 def _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, device, gpus) -> None:
     from kit.recipe import load_recipe
     from kit.training.seeds import train_seeds
@@ -109,7 +151,7 @@ def _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, d
         raise KitError(f"--seeds {seeds}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
     name = load_recipe(recipe, overrides).name  # validated once here, before any process starts
     finished = train_seeds(recipe, name, seed_list, devices, jobs, overrides, data_root, out_root, device, echo=click.echo)
-    failed = [r.seed for r in finished if r.code != 0]
+    failed = [r.name.split()[-1] for r in finished if r.code != 0]
     if failed:
         raise KitError(f"seeds {', '.join(map(str, failed))} failed: see their logs in {out_root}")
 
@@ -337,7 +379,8 @@ def evaluate_cmd(checkpoints, data_root, held_out, tta, select, rounds, select_o
 @click.argument("checkpoint")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "torchscript"]), required=True)
 @weights_from_option
-@click.option("--out", metavar="FILE", help="Default: beside the checkpoint file, with the format's extension.")
+@click.option("--out", metavar="FILE", help="Default: beside the checkpoint file, with the format's extension "
+                                            "(a CV directory: a folder for its fold models).")
 def export_cmd(checkpoint, fmt, weights_from, out):
     """Export CHECKPOINT's weights: safetensors (a predict/evaluate checkpoint again), ONNX or TorchScript."""
     from kit.inference.export import export

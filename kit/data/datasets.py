@@ -54,6 +54,7 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, of the training images scaled to [0, 1]
     std: tuple[float, ...]
+    split: str = ""  # validation: fold: which folds (split_key), so probabilities can say which models saw which images
 
 
 def read_pickle(path: Path, what: str) -> dict:
@@ -144,6 +145,38 @@ def stratified_split(split: Labelled, fraction: float, seed: int) -> tuple[Label
     return split.subset(torch.from_numpy(np.sort(keep))), split.subset(torch.from_numpy(np.sort(held)))
 
 
+def folds_of(labelled: Labelled, folds: int, seed: int, where: str | Path) -> np.ndarray:
+    """(N,) the fold of each image: scikit-learn's StratifiedKFold (shuffled, seeded), each fold about 1/k of every
+    class. Too few images, or a class with fewer than k, is one line (scikit-learn only warns for the second)."""
+    from sklearn.model_selection import StratifiedKFold
+    counts = np.bincount(labelled.labels.numpy())
+    if len(labelled) < folds:
+        raise KitError(f"{where}: {len(labelled)} training images are too few for {folds} folds")
+    if (counts[counts > 0] < folds).any():
+        lonely = int(np.flatnonzero((counts > 0) & (counts < folds))[0])
+        raise KitError(f"{where}: class {lonely} has {counts[lonely]} training image(s), fewer than the {folds} folds "
+                       f"(each fold must hold every class): use fewer folds")
+    out = np.empty(len(labelled), dtype=np.int64)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held) in enumerate(split.split(np.zeros(len(labelled)), labelled.labels.numpy())):
+        out[held] = fold
+    return out
+
+
+def fold_split(labelled: Labelled, folds: int, fold: int, seed: int, where: str | Path) -> tuple[Labelled, Labelled]:
+    """(the other folds, fold `fold`): the training and validation images of one fold's run."""
+    of = folds_of(labelled, folds, seed, where)
+    return labelled.subset(torch.from_numpy(np.flatnonzero(of != fold))), labelled.subset(torch.from_numpy(np.flatnonzero(of == fold)))
+
+
+def split_key(labelled: Labelled, folds: int, seed: int) -> str:
+    """Names one assignment of images to folds: k, the seed and a digest of the training ids and labels (the same
+    three give the same folds). Probability files carry it, so pseudo-labels can refuse a model that saw a fold."""
+    import hashlib
+    digest = hashlib.sha256("\n".join(f"{i}\t{c}" for i, c in zip(map(str, labelled.ids), labelled.labels.tolist())).encode())
+    return f"{folds} folds, split_seed {seed}, training set {digest.hexdigest()[:12]}"
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]."""
     x = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
@@ -157,8 +190,12 @@ def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str =
     if not root.is_dir():
         raise KitError(f"{root}: data root not found; {LAYOUT_HINT}")
     train, test, classes = read_cifar(spec, root) if spec.format == "cifar" else read_other(spec, root)
+    split = ""
     if spec.validation == "split":
         train, val = stratified_split(train, spec.val_fraction, spec.split_seed)
+    elif spec.validation == "fold":
+        split = split_key(train, spec.folds, spec.split_seed)
+        train, val = fold_split(train, spec.folds, spec.fold, spec.split_seed, root)
     elif spec.validation == "none":
         val = train.subset(slice(0, 0))
     else:
@@ -167,7 +204,7 @@ def load_dataset(spec: DataSpec, root: str | Path | None = None, held_out: str =
         raise KitError(f"{root}: no labelled test set to score on (data.test is empty); use --held-out val")
     scored = test if held_out == "test" else val
     mean, std = channel_stats(train.images)
-    return Dataset(train, scored, classes, mean, std)
+    return Dataset(train, scored, classes, mean, std, split)
 
 
 def load_held_out(spec: DataSpec, root: str | Path | None, held_out: str, source: str) -> Labelled:

@@ -85,7 +85,7 @@ def _members(files: list[ProbFile], side: str, classes: list[str] | None) -> Sid
             missing = sorted(set(keys) - set(position)) or sorted(set(position) - set(keys)) or ["(a duplicate)"]
             raise KitError(f"{f.path}: its ids differ from {first.path}'s on the {side} side (e.g. {missing[0]})")
         order = torch.tensor([position[k] for k in keys])
-        columns = _column_order(f, classes)
+        columns = f.columns_in(classes)
         if f.labels is not None:
             theirs = torch.argsort(columns)[f.labels[order]]  # their class indices, as indices into `classes`
             if labels is not None and not torch.equal(theirs, labels):
@@ -93,19 +93,6 @@ def _members(files: list[ProbFile], side: str, classes: list[str] | None) -> Sid
             labels = theirs
         out.append(f.member_probs[:, order][:, :, columns])
     return Side(torch.cat(out), [m for f in files for m in f.members], first.ids, labels)
-
-
-def _column_order(f: ProbFile, classes: list[str] | None) -> torch.Tensor:
-    """Indices of `f`'s columns in the order of `classes` (its own order when either has no names)."""
-    k = f.member_probs.shape[2]
-    if classes is None or f.classes is None:
-        return torch.arange(k)
-    if sorted(f.classes) != sorted(classes):
-        other = sorted(set(f.classes) ^ set(classes))
-        raise KitError(f"{f.path}: its classes ({', '.join(f.classes[:5])}{', ...' if k > 5 else ''}) are not "
-                       f"{', '.join(classes[:5])}{', ...' if k > 5 else ''} (e.g. {other[0]!r} is not in both): "
-                       f"probabilities of different classes cannot be blended")
-    return torch.tensor([f.classes.index(c) for c in classes])
 
 
 def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20, select_on: float = 0.5,

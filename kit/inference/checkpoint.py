@@ -95,6 +95,8 @@ def checked_payload(payload: dict, path: Path) -> dict:
             raise KitError(f"{path}: not a kit checkpoint: the field {name!r} is missing ({what})")
         if not ok(payload.get(name)):
             raise KitError(f"{path}: its field {name!r} is {type(payload.get(name)).__name__}, not {what}")
+    if not isinstance(payload.get("split", ""), str):
+        raise KitError(f"{path}: its field 'split' is {type(payload['split']).__name__}, not text")
     if payload.get("weights_from", "raw") not in ("raw", "ema"):
         raise KitError(f"{path}: its field 'weights_from' is {payload['weights_from']!r}, not raw or ema")
     payload["classes"] = class_names(path, payload["classes"])
@@ -155,6 +157,12 @@ class Checkpoint:
     mean: torch.Tensor
     std: torch.Tensor
     weights_from: str  # raw or ema: the weights actually loaded
+    split: str = ""  # a fold model's folds (kit.data.datasets.split_key), "" for any other
+
+    @property
+    def fold(self) -> int | None:
+        """The fold this model held out (validation: fold), else None."""
+        return self.recipe.data.fold if self.recipe.data.validation == "fold" else None
 
     def probs(self, images: torch.Tensor, views: list, batch_size: int, prec: Precision) -> torch.Tensor:
         """(N, K) softmax probabilities averaged over the TTA `views`."""
@@ -191,7 +199,8 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
                        f"that does not exist; train it again (the head now takes the data's classes)")
     model.to(device).eval()
     name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
-    return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen)
+    return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen,
+                      payload.get("split", ""))
 
 
 def _check_fit(skeleton: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

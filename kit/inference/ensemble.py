@@ -16,6 +16,9 @@ from kit.inference.checkpoint import Checkpoint, load_checkpoint
 from kit.inference.tta import tta_views
 
 COMPLETED_RUNS = "completed_runs.txt"  # a folder listing run directories, one per line (what `kit sweep` writes)
+CV_FILE = "cv.yaml"  # a CV directory's recipe (kit train --folds): the folder stands for its fold runs
+FOLD_DIR = "fold-{}"  # a CV directory's fold runs, from fold-0
+OOF_PROBS = "oof.probs.npz"  # a CV directory's out-of-fold probabilities: written once every fold has finished
 
 
 @dataclass
@@ -59,11 +62,14 @@ def ensemble_of(paths: list[str], checkpoints: list[Checkpoint], device: torch.d
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Checkpoint paths, with a folder holding completed_runs.txt (a sweep folder) standing for the runs it lists."""
+    """Checkpoint paths, with a folder holding completed_runs.txt (a sweep folder) standing for the runs it lists, and
+    a CV directory for its k fold runs."""
     expanded = []
     for path in paths:
         listing = Path(path) / COMPLETED_RUNS
-        if listing.is_file():
+        if (Path(path) / CV_FILE).is_file():
+            expanded += fold_runs(Path(path))
+        elif listing.is_file():
             runs = [line for line in listing.read_text().splitlines() if line.strip()]
             if not runs:
                 raise KitError(f"{path}: lists no completed run yet ({listing})")
@@ -73,6 +79,16 @@ def expand_paths(paths: list[str]) -> list[str]:
         else:
             expanded.append(path)
     return expanded
+
+
+def fold_runs(cv_dir: Path) -> list[str]:
+    """A CV directory's fold runs (fold-0, fold-1, ...), the k models of its ensemble, once all have finished."""
+    runs = sorted((p for p in cv_dir.glob(FOLD_DIR.format("*")) if p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    if not runs or not (cv_dir / OOF_PROBS).is_file() or not all((p / "best.pt").is_file() for p in runs):
+        raise KitError(f"{cv_dir}: its cross-validation has not finished (no {OOF_PROBS} yet): finish it with "
+                       f"kit train --resume {cv_dir}")
+    return [str(p) for p in runs]
 
 
 def load_checkpoints(paths: list[str], weights_from: str, device: torch.device) -> list[Checkpoint]:

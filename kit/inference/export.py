@@ -11,6 +11,7 @@ from torch import nn
 
 from kit.errors import KitError
 from kit.inference.checkpoint import checkpoint_from_payload, read_payload, safetensors_metadata
+from kit.inference.ensemble import expand_paths
 from kit.io import atomic_path
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -39,10 +40,21 @@ def _require(module: str, extra: str) -> None:
 
 
 def export(path: str, fmt: str, weights_from: str = "better", out: str | None = None,
-           echo: Callable[[str], None] = print) -> Path:
-    """Write the export; returns its path. ONNX and TorchScript print their largest logit difference to eager torch."""
+           echo: Callable[[str], None] = print) -> list[Path]:
+    """Write the export of a checkpoint (or of each fold model of a CV directory: `out` is then a folder, holding
+    fold-<i>.<format>, default beside each best.pt); returns the paths written."""
     if fmt not in FORMATS:
         raise KitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    paths = expand_paths([path])
+    if len(paths) == 1:
+        return [export_one(path, fmt, weights_from, out, echo)]
+    return [export_one(p, fmt, weights_from, None if out is None else str(Path(out) / f"{Path(p).name}{FORMATS[fmt]}"), echo)
+            for p in paths]
+
+
+def export_one(path: str, fmt: str, weights_from: str, out: str | None, echo: Callable[[str], None]) -> Path:
+    """Write one checkpoint's export; returns its path. ONNX and TorchScript print their largest logit difference to
+    eager torch."""
     payload = read_payload(path)
     checkpoint = checkpoint_from_payload(payload, path, weights_from, CPU)
     out_path = Path(out) if out else Path(payload["path"]).with_suffix(FORMATS[fmt])

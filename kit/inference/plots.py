@@ -73,13 +73,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     _save(fig, path)
 
 
-def plot_sweep(curves: dict, path: Path, title: str = "") -> None:
-    """Validation accuracy (the better of raw and EMA) per epoch, one line per trial; pruned and failed trials dashed."""
+def plot_val_curves(curves: dict[str, tuple[pd.DataFrame, bool]], path: Path, title: str = "") -> None:
+    """Validation accuracy (the better of raw and EMA) per epoch, one line per run in the order given (a sweep's trials,
+    a CV's folds), each labelled by its key; runs marked True dashed (pruned or failed trials)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for trial, (metrics, state) in sorted(curves.items()):
+    for label, (metrics, dashed) in curves.items():
         acc = better_weights(metrics.val_acc, metrics.ema_val_acc)[0] * 100
-        ax.plot(metrics.epoch, acc, linestyle="-" if state in ("COMPLETE", "RUNNING") else "--", marker=".",
-                label=f"trial {trial} ({state.lower()})")
+        ax.plot(metrics.epoch, acc, linestyle="--" if dashed else "-", marker=".", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)

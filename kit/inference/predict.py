@@ -11,7 +11,7 @@ import torch
 from kit.data.datasets import read_test_set
 from kit.inference.checkpoint import Checkpoint
 from kit.inference.ensemble import ensemble_probs, load_ensemble
-from kit.inference.probs import probs_arrays
+from kit.inference.probs import NOT_A_FOLD, probs_arrays
 from kit.inference.submission import (
     SubmissionFormat,
     check_template_names,
@@ -52,7 +52,8 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     probs = ensemble_probs(per_checkpoint, weights)
     out_path = Path(out) if out else default_out(checkpoints)
     arrays = probs_arrays(test.ids, probs.numpy(), classes, [c.path for c in checkpoints], torch.stack(per_checkpoint).numpy(),
-                          blend=weights, source=f"the predictions on {test_path}")
+                          blend=weights, source=f"the predictions on {test_path}",
+                          extra={"test": str(Path(test_path).resolve()), **member_provenance(checkpoints)})
     write_submission(submission_table(fmt, test.ids, probs.numpy(), classes, test_path), out_path, arrays)
     labels = probs.argmax(1).numpy()
     echo(describe(checkpoints, weights, views, labels, layout=test.layout, n=len(test.ids)))
@@ -61,6 +62,12 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
          f"{len(views)} views on {ensemble.prec.device}")
     echo(f"submission: {out_path} ({_describe_format(fmt)})")
     return out_path
+
+
+def member_provenance(checkpoints: list[Checkpoint]) -> dict[str, np.ndarray]:
+    """Which fold each checkpoint held out, and of which folds (pseudo-labels refuse a model that saw a fold)."""
+    return {"member_folds": np.array([NOT_A_FOLD if c.fold is None else c.fold for c in checkpoints], dtype=np.int64),
+            "member_splits": np.array([c.split for c in checkpoints])}
 
 
 def _describe_format(fmt: SubmissionFormat) -> str:

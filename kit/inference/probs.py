@@ -86,6 +86,30 @@ class ProbFile:
     test: str | None = None  # the unlabelled file the probabilities are of
     member_folds: np.ndarray | None = None  # (M,) the fold each member held out (NOT_A_FOLD: none)
     member_splits: list[str] | None = None  # (M,) which folds (split_key), "" for no fold model
+    blend: np.ndarray | None = None  # (M,) the members' weights in the file's `probs` (None: equal)
+
+    def blended(self, members: list[int] | None = None) -> torch.Tensor:
+        """(N, K) the chosen members' probabilities (default: all) mixed by their blend weights, as `probs` was."""
+        members = list(range(len(self.member_probs))) if members is None else members
+        weights = torch.ones(len(members)) if self.blend is None else torch.from_numpy(self.blend[members]).float()
+        if not weights.sum() > 0:
+            weights = torch.ones(len(members))  # members the blend gave no weight: their plain mean
+        return (self.member_probs[members] * (weights / weights.sum())[:, None, None]).sum(0)
+
+    def columns_in(self, classes: list[str] | None) -> torch.Tensor:
+        """Indices of this file's columns in the order of `classes` (classes matched by name; its own order when
+        either has no names); a file with other classes is refused."""
+        k = self.member_probs.shape[2]
+        if classes is not None and len(classes) != k:
+            raise KitError(f"{self.path}: {k} classes, not the {len(classes)} of {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}")
+        if classes is None or self.classes is None:
+            return torch.arange(k)
+        if sorted(self.classes) != sorted(classes):
+            other = sorted(set(self.classes) ^ set(classes))
+            raise KitError(f"{self.path}: its classes ({', '.join(self.classes[:5])}{', ...' if k > 5 else ''}) are not "
+                           f"{', '.join(classes[:5])}{', ...' if k > 5 else ''} (e.g. {other[0]!r} is not in both): "
+                           f"probabilities of different classes cannot be mixed")
+        return torch.tensor([self.classes.index(c) for c in classes])
 
 
 def read_probs(path: str | Path, labelled: bool) -> ProbFile:
@@ -93,7 +117,7 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     (N, K) and `ids`, plus `labels` when labelled)."""
     path = Path(path)
     found = read_arrays(path, {"member_probs", "probs", "ids", "labels", "members", "classes", "folds", "test",
-                               "member_folds", "member_splits"})
+                               "member_folds", "member_splits", "blend"})
     if "member_probs" in found:
         probs = found["member_probs"]
     elif "probs" in found:
@@ -122,8 +146,14 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
     if len(probs) > 1 and members == [path.stem] * len(probs):
         members = [f"{path.stem}[{i}]" for i in range(len(probs))]
     classes = class_names(path, found["classes"], probs.shape[2]) if "classes" in found else None
+    blend = found.get("blend") if "member_probs" in found else None
+    if blend is not None and (blend.shape != (len(probs),) or blend.dtype.kind != "f" or not np.isfinite(blend).all()
+                              or (blend < 0).any() or not blend.sum() > 0):
+        raise KitError(f"{path}: 'blend' must be {len(probs)} finite weights >= 0 with a positive sum; got {blend.dtype} "
+                       f"{blend.shape}")
     return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
-                    None if labels is None else torch.from_numpy(labels), *_provenance(path, found, probs.shape[:2]))
+                    None if labels is None else torch.from_numpy(labels), *_provenance(path, found, probs.shape[:2]),
+                    None if blend is None else blend.astype(np.float64))
 
 
 def _provenance(path: Path, found, shape: tuple[int, int]) -> tuple:

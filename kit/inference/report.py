@@ -13,7 +13,7 @@ from kit.data.datasets import Labelled, load_held_out, read_test_set
 from kit.device import resolve_device
 from kit.errors import KitError
 from kit.inference.checkpoint import Checkpoint, checkpoint_from_payload, checkpoint_weights, read_payload
-from kit.inference.ensemble import ensemble_of, load_ensemble
+from kit.inference.ensemble import ensemble_of, expand_paths, load_ensemble
 from kit.inference.plots import plot_confusion, plot_curves, plot_image_grid
 from kit.inference.scores import topk
 from kit.inference.tta import tta_views
@@ -178,7 +178,8 @@ def report(paths: list[str], data_root: str | None = None, report_dir: str | Non
            test: str | None = None, echo: Callable[[str], None] = print) -> list[Path]:
     """One report folder per checkpoint: RUN/report/ by default, or REPORT_DIR/<run name>/. With `test` (an unlabelled
     set) and several checkpoints, also the images the ensemble's members disagree on most, in REPORT_DIR/ensemble/
-    (default reports/ensemble/)."""
+    (default reports/ensemble/). A CV directory stands for its fold runs (each reported on its own fold)."""
+    paths = expand_paths(paths)
     if test is not None and len(paths) < 2:
         raise KitError(f"--test {test}: the members' disagreement needs an ensemble: give two or more checkpoints")
     written = []

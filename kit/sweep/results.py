@@ -29,15 +29,16 @@ def results_table(sweep: Sweep, study) -> pd.DataFrame:
 
 def write_results(sweep: Sweep, study) -> pd.DataFrame:
     """results.csv, results.md (best trial named) and curves.png in the sweep folder, written atomically."""
-    from kit.inference.plots import plot_sweep
+    from kit.inference.plots import plot_val_curves
     table = results_table(sweep, study)
     write_text(sweep.folder / "results.csv", table.to_csv(index=False))
     write_text(sweep.folder / "results.md", _markdown(table, sweep))
     write_text(sweep.folder / COMPLETED_RUNS, "".join(f"{r}\n" for r in table[table.state == "COMPLETE"].run_dir))
-    curves = {row.trial: (pd.read_csv(Path(row.run_dir) / "metrics.csv"), row.state) for row in table.itertuples()
-              if (Path(row.run_dir) / "metrics.csv").is_file()}
+    curves = {f"trial {row.trial} ({row.state.lower()})": (pd.read_csv(Path(row.run_dir) / "metrics.csv"),
+                                                          row.state not in ("COMPLETE", "RUNNING"))
+              for row in table.sort_values("trial").itertuples() if (Path(row.run_dir) / "metrics.csv").is_file()}
     if curves:
-        plot_sweep(curves, sweep.folder / "curves.png", f"{sweep.folder.name}: validation accuracy per trial")
+        plot_val_curves(curves, sweep.folder / "curves.png", f"{sweep.folder.name}: validation accuracy per trial")
     return table
 
 

@@ -71,6 +71,7 @@ class Run(Hooks):
     def __init__(self, recipe: Recipe, run_dir: Path, trainer: Trainer, dataset: Dataset, echo: Callable[[str], None],
                  ranks: Ranks = Ranks()):
         self.recipe, self.dir, self.trainer, self.classes, self.ranks = recipe, run_dir, trainer, dataset.classes, ranks
+        self.split = dataset.split  # a fold's run: which folds
         device = trainer.prec.device
         self.held_out = dataset.held_out.to(device)  # the validation images
         self.mean, self.std = torch.tensor(dataset.mean, device=device), torch.tensor(dataset.std, device=device)
@@ -103,6 +104,7 @@ class Run(Hooks):
                 "classes": self.classes, "num_params": t.num_params, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_weights_from": self.best_weights_from,
                 "weights_from": self.weights_from, "world_size": self.ranks.world_size, "in_epoch": self.in_epoch,
+                "split": self.split,
                 "metrics": self.metrics.to_dict("records")}
 
     def restore(self, payload: dict) -> None:
@@ -339,7 +341,10 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
     """The one way a run starts, ready for Run.fit: from scratch (`init_from` None) or from a checkpoint's payload,
     into `run_dir` (a new out_root/<recipe>-<time> when None)."""
     source = recipe.name if init_from is None else str(Path(run_dir) / "recipe.yaml")
-    dataset = load_dataset(recipe.data)
+    dataset, pseudo = load_dataset(recipe.data), None
+    if recipe.pseudo.probs:
+        from kit.training.pseudo import add_pseudo_labels
+        dataset, pseudo = add_pseudo_labels(dataset, recipe)
     check_batch(recipe, len(dataset.train))
     recipe = with_num_classes(recipe, len(dataset.classes), source)
     ranks, dev = distributed.start(device)
@@ -356,6 +361,10 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
         run.restore(init_from)
     if ranks.main:
         save_recipe(recipe, run.dir / "recipe.yaml")
+    if pseudo is not None and ranks.main:
+        from kit.training.pseudo import PSEUDO_TABLE, describe
+        write_text(run.dir / PSEUDO_TABLE, pseudo.to_csv(index=False))
+        run.echo(describe(pseudo, recipe))
     if init_from is None:
         processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
         precision, why = choose_precision(recipe.train.precision, dev)
