@@ -32,6 +32,7 @@ class PaperSpec:
 
 
 DATA_FORMATS = ("cifar", "folder", "csv", "pixels", "npz")  # how the labelled images are stored (kit.data.formats)
+STACKERS = ("logistic",)  # kit blend --stacker: scikit-learn's LogisticRegression on the members' probabilities
 HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or the labelled test set (--held-out)
 LABEL_STYLES = ("index", "name", "probs")  # a submission's labels (kit.inference.submission, --labels)
 REPORT_MISTAKES = 24  # kit report --mistakes: the worst mistakes (and most-disagreed test images) shown
@@ -387,6 +388,7 @@ ARGUMENTS = {
     "end_lr": Argument("--end-lr", kind=float, limits={"gt": 0}),
     "diverge": Argument("--diverge", kind=float, limits={"gt": 1}),
     "folds": Argument("--folds", kind=int, limits={"min": 2}),
+    "stacker": Argument("--stacker", STACKERS),
 }
 
 

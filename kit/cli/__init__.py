@@ -332,13 +332,15 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
 @select_on_option(0.5)
 @with_options(submission_options)
 @click.option("--classes", metavar="A,B,...", help="The class names, when the probability files carry none (a names template needs them).")
-def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column, classes):
+@click.option("--stacker", type=argument_type("stacker"), help="Stack instead: fit this model on the labelled files "
+              "(out-of-fold ones: a CV directory's oof.probs.npz) and print it beside the blend and the plain average.")
+def blend_cmd(labelled, unlabelled, out, rounds, select_on, template, labels, id_column, label_column, classes, stacker):
     """An ensemble from saved probabilities alone: greedy selection on the labelled files, submission from the
     unlabelled ones (no checkpoint, no GPU; seconds). Other software's .npz (probs (N, K), ids, labels) blends too."""
     from kit import api
     fmt = submission_format(template, labels, id_column, label_column)
     api.blend(list(labelled), list(unlabelled), out, rounds=rounds, select_on=select_on, template=template, fmt=fmt,
-              given_classes=class_list(classes), echo=click.echo)
+              given_classes=class_list(classes), stacker=stacker, echo=click.echo)
 
 
 @cli.command("evaluate")

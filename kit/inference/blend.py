@@ -29,6 +29,20 @@ from kit.inference.submission import (
 )
 
 
+def paired(labelled: list[ProbFile], unlabelled: list[ProbFile]) -> tuple[list[ProbFile], list[ProbFile]]:
+    """The two sides' files, the i-th of one paired with the i-th of the other: where one of a pair is one member (a
+    CV directory's oof.probs.npz) and the other several (the same CV's k fold models on the test set), the several are
+    taken as one, as their file mixed them."""
+    if len(labelled) != len(unlabelled):
+        return labelled, unlabelled
+    out_l, out_u = [], []
+    for a, b in zip(labelled, unlabelled):
+        m, n = len(a.member_probs), len(b.member_probs)
+        out_l.append(a.as_one() if n == 1 and m > 1 else a)
+        out_u.append(b.as_one() if m == 1 and n > 1 else b)
+    return out_l, out_u
+
+
 def greedy_selection(probs: list[torch.Tensor], labels: torch.Tensor, rounds: int) -> list[float]:
     """Caruana et al. (2004): repeatedly add (with replacement) the member that most improves the ensemble's
     accuracy (ties: lower log-loss); keep the best prefix. Returns one blend weight per member."""
@@ -97,12 +111,15 @@ def _members(files: list[ProbFile], side: str, classes: list[str] | None) -> Sid
 
 def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20, select_on: float = 0.5,
           template: str | None = None, fmt: SubmissionFormat | None = None, given_classes: list[str] | None = None,
-          echo: Callable[[str], None] = print) -> Path:
+          stacker: str | None = None, echo: Callable[[str], None] = print) -> Path:
     """Choose the blend on the labelled files' members and write the submission (and its .probs.npz) from the
-    unlabelled files' members: the i-th member of one side is the i-th of the other."""
+    unlabelled files' members: the i-th member of one side is the i-th of the other. The labelled files may be
+    out-of-fold probabilities (a CV directory's oof.probs.npz): the blend is then chosen on every training image.
+    `stacker` (logistic): a stacker fitted on the labelled side writes the submission instead, after the stacked,
+    blended and averaged scores are printed side by side."""
     if not labelled or not unlabelled:
         raise KitError("kit blend needs --labelled and --unlabelled probability files")
-    labelled_files, unlabelled_files = [read_probs(p, True) for p in labelled], [read_probs(p, False) for p in unlabelled]
+    labelled_files, unlabelled_files = paired([read_probs(p, True) for p in labelled], [read_probs(p, False) for p in unlabelled])
     named = _named(labelled_files + unlabelled_files)
     scored_side, test_side = _members(labelled_files, "labelled", named), _members(unlabelled_files, "unlabelled", named)
     scored, names, test, test_names = scored_side.probs, scored_side.members, test_side.probs, test_side.members
@@ -124,6 +141,8 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
                        f"submission's class names are unknown; give --classes A,B,...")
     template_order(fmt, test_side.ids, unlabelled[0])  # the template's ids, checked before anything is written
     labels = scored_side.labels
+    if stacker is not None:
+        return _stacked(scored_side, test_side, classes, fmt, unlabelled[0], out, rounds, labelled[0], echo)
     choose = report = torch.arange(len(labels))
     if select_on < 1:
         counts = torch.bincount(labels)
@@ -147,4 +166,22 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     warn_one_class(probs.argmax(1).numpy(), classes, echo)
     used = sum(w > 0 for w in weights)
     echo(f"submission: {out} ({len(test_side.ids):,} rows; {used} of {len(test)} members carry weight)")
+    return Path(out)
+
+
+def _stacked(scored: Side, test: Side, classes: list[str], fmt: SubmissionFormat, test_path: str, out: str, rounds: int,
+             where: str, echo: Callable[[str], None]) -> Path:
+    """kit blend --stacker logistic: the three ways scored side by side, the submission from the stacker."""
+    from kit.inference.stack import compare, fit_and_predict
+    table = compare(scored.probs, scored.labels, lambda probs, labels: greedy_selection(probs, labels, rounds), where)
+    echo(f"{len(scored.members)} members on {len(scored.labels):,} labelled images (out-of-fold where the files are); "
+         f"each score is on images that did not fit it")
+    echo(table.to_string(index=False, formatters={"top1": "{:.2%}".format, "log_loss": "{:.4f}".format}))
+    probs = fit_and_predict(scored.probs, scored.labels, test.probs)
+    arrays = probs_arrays(test.ids, probs, classes, test.members, test.probs.numpy(), source="the stacker",
+                          extra={"stacker": "logistic"})
+    write_submission(submission_table(fmt, test.ids, probs, classes, test_path), out, arrays)
+    warn_one_class(probs.argmax(1), classes, echo)
+    echo(f"submission: {out} ({len(test.ids):,} rows; logistic regression stacked on {len(test.members)} members, fitted "
+         f"on all {len(scored.labels):,} labelled images)")
     return Path(out)

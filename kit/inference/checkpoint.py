@@ -70,6 +70,10 @@ def read_payload(path: str | Path) -> dict:
     return checked_payload(payload, path)
 
 
+CV_FILE = "cv.yaml"  # a CV directory's recipe (kit train --folds): the folder stands for its fold runs
+FOLD_DIR = "fold-{}"  # a CV directory's fold runs, from fold-0
+OOF_PROBS = "oof.probs.npz"  # a CV directory's out-of-fold probabilities: written once every fold has finished
+
 PAYLOAD_FIELDS = {  # what inference reads from a checkpoint: the field, what it must be, and a test of it
     "model": ("a mapping of tensor names to tensors", lambda v: _is_state(v) and bool(v)),
     "ema": ("null or a mapping of tensor names to tensors", lambda v: v is None or _is_state(v)),
@@ -199,6 +203,8 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
                        f"that does not exist; train it again (the head now takes the data's classes)")
     model.to(device).eval()
     name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
+    if Path(path).is_dir() and (Path(path).resolve().parent / CV_FILE).is_file():  # a fold run: <cv dir>/fold-<i>
+        name = f"{Path(path).resolve().parent.name}/{name}"
     return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen,
                       payload.get("split", ""))
 

@@ -12,13 +12,10 @@ import torch
 
 from kit.device import Precision, inference_precision, resolve_device
 from kit.errors import KitError
-from kit.inference.checkpoint import Checkpoint, load_checkpoint
+from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS, Checkpoint, load_checkpoint
 from kit.inference.tta import tta_views
 
 COMPLETED_RUNS = "completed_runs.txt"  # a folder listing run directories, one per line (what `kit sweep` writes)
-CV_FILE = "cv.yaml"  # a CV directory's recipe (kit train --folds): the folder stands for its fold runs
-FOLD_DIR = "fold-{}"  # a CV directory's fold runs, from fold-0
-OOF_PROBS = "oof.probs.npz"  # a CV directory's out-of-fold probabilities: written once every fold has finished
 
 
 @dataclass
@@ -135,15 +132,23 @@ def valid_weights(blend: list[float]) -> bool:
     return all(math.isfinite(w) and w >= 0 for w in blend) and math.isfinite(sum(blend)) and sum(blend) > 0
 
 
+def _owner(path: str) -> str:
+    """The CV directory a fold run belongs to (resolved), else the path itself."""
+    parent = Path(path).resolve().parent
+    return str(parent) if (parent / CV_FILE).is_file() else str(Path(path).resolve())
+
+
 def _blend_from_selection(path: Path, paths: list[str]) -> list[float]:
     try:
         chosen = {str(Path(k).resolve()): float(v) for k, v in json.loads(path.read_text())["blend"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise KitError(f"{path}: not a selection file from `kit evaluate --select` (JSON with a 'blend' mapping)") from None
-    blend = [chosen.get(str(Path(p).resolve()), 0.0) for p in paths]
+    owners = [_owner(p) for p in paths]  # a fold run stands for its CV directory's share
+    shares = {o: owners.count(o) for o in owners}
+    blend = [chosen.get(str(Path(p).resolve()), chosen.get(o, 0.0) / shares[o]) for p, o in zip(paths, owners)]
     if not valid_weights(list(chosen.values()) or [1.0]):
         raise KitError(f"{path}: its blend weights {list(chosen.values())} must be finite and non-negative")
-    missing = set(chosen) - {str(Path(p).resolve()) for p in paths}
+    missing = set(chosen) - {str(Path(p).resolve()) for p in paths} - set(owners)
     if missing or sum(blend) <= 0:
         raise KitError(f"{path}: selects {', '.join(sorted(missing)) or 'none of the given checkpoints'}; "
                        f"pass the same checkpoints to kit predict")

@@ -58,6 +58,48 @@ def _subset(scored: Scored, index: torch.Tensor) -> Scored:
     return Scored([p[index] for p in scored.plain], [p[index] for p in scored.with_views])
 
 
+def evaluate_files(paths: list[str], select: bool = False, rounds: int = 20, select_on: float = 1.0,
+                   csv_out: str | None = None, select_out: str | None = None,
+                   echo: Callable[[str], None] = print) -> pd.DataFrame:
+    """Each member of labelled probability files (aligned by id; files of other ids are refused) and their mean, and
+    with `select` the greedy blend, chosen on `select_on` of the images and scored on the rest. On out-of-fold files
+    the blend is chosen on every training image; its selection names the files' members (CV directories), which
+    kit predict --blend reads."""
+    from kit.inference.blend import _members, _named
+    from kit.inference.probs import read_probs
+    files = [read_probs(p, labelled=True) for p in paths]
+    side = _members(files, "labelled", _named(files))
+    scored, labels = side.probs, side.labels
+    choose = report = torch.arange(len(labels))
+    if select and select_on < 1:
+        choose, report = selection_halves(labels, select_on)
+        echo(f"blend chosen on {len(choose):,} images; every figure below is on the other {len(report):,}")
+    top5 = scored.shape[2] > 10
+    rows = [{"member": m, "top1": topk(p[report], labels[report], 1), **({"top5": topk(p[report], labels[report], 5)} if top5 else {})}
+            for m, p in zip(side.members, scored)]
+    mean = ensemble_probs(list(scored[:, report]))
+    rows.append({"member": "ensemble (mean)", "top1": topk(mean, labels[report], 1),
+                 **({"top5": topk(mean, labels[report], 5)} if top5 else {})})
+    if select:
+        blend = greedy_selection(list(scored[:, choose]), labels[choose], rounds)
+        mixed = ensemble_probs(list(scored[:, report]), blend)
+        rows.append({"member": "ensemble (selected)", "top1": topk(mixed, labels[report], 1),
+                     **({"top5": topk(mixed, labels[report], 5)} if top5 else {})})
+        echo("selected: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(side.members, blend) if w > 0))
+        if select_out:
+            selection = {"blend": {str(Path(m).resolve()): w for m, w in zip(side.members, blend) if w > 0},
+                         "select_on": select_on, "top1": rows[-1]["top1"], "scored_on": len(report), "files": paths}
+            write_text(select_out, json.dumps(selection, indent=2))
+            echo(f"selection: {select_out} (use: kit predict {' '.join(side.members)} --blend {select_out})")
+    table = pd.DataFrame(rows)
+    echo(f"{len(paths)} probability file(s): {len(report):,} labelled images")
+    echo(table.to_string(index=False, formatters={c: "{:.2%}".format for c in table.columns if c.startswith("top")}))
+    if csv_out:
+        write_text(csv_out, table.to_csv(index=False))
+        echo(f"table: {csv_out}")
+    return table
+
+
 def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "val", tta: str | None = None, select: bool = False,
              rounds: int = 20, weights_from: str = "better", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int | None = None, device: str = "auto", select_on: float = 1.0, adapt_bn: bool = False,
@@ -66,8 +108,11 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
     """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
     `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
     others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
-    for its completed trials. `probs_out`: each checkpoint's probabilities (with TTA) on every scored image, for
-    `kit blend`."""
+    for its completed trials, a CV directory for its fold models. `probs_out`: each checkpoint's probabilities (with
+    TTA) on every scored image, for `kit blend`. Probability files (.npz with labels, such as CV directories'
+    oof.probs.npz) instead of checkpoints are scored and selected as they are (`evaluate_files`)."""
+    if paths and all(str(p).endswith(".npz") for p in paths):
+        return evaluate_files(paths, select, rounds, select_on, csv_out, select_out, echo)
     ensemble = load_ensemble(paths, weights_from, device, tta, precision=precision, batch_size=batch_size)
     paths, checkpoints, tta = ensemble.paths, ensemble.checkpoints, ensemble.tta
     data = scored_images(checkpoints, data_root, held_out)

@@ -9,6 +9,7 @@ model) and `member_splits` (M,: which folds, `split_key`). Another program's fil
 `member_probs`), `ids`, and `labels` on the labelled side. Every probability is checked where it enters and before
 it is written."""
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,14 @@ class ProbFile:
     member_folds: np.ndarray | None = None  # (M,) the fold each member held out (NOT_A_FOLD: none)
     member_splits: list[str] | None = None  # (M,) which folds (split_key), "" for no fold model
     blend: np.ndarray | None = None  # (M,) the members' weights in the file's `probs` (None: equal)
+    mixed: torch.Tensor | None = None  # (N, K) the file's own `probs` beside its members' (a blend, a stacker's)
+
+    def as_one(self) -> "ProbFile":
+        """The file as one member: its own (N, K) `probs` (a CV directory's fold ensemble, a blend), else its
+        members blended."""
+        probs = self.mixed if self.mixed is not None else self.blended()
+        return dataclasses.replace(self, member_probs=probs[None], members=[self.path.name.removesuffix(".probs.npz")],
+                                   blend=None, member_folds=None, member_splits=None)
 
     def blended(self, members: list[int] | None = None) -> torch.Tensor:
         """(N, K) the chosen members' probabilities (default: all) mixed by their blend weights, as `probs` was."""
@@ -151,9 +160,16 @@ def read_probs(path: str | Path, labelled: bool) -> ProbFile:
                               or (blend < 0).any() or not blend.sum() > 0):
         raise KitError(f"{path}: 'blend' must be {len(probs)} finite weights >= 0 with a positive sum; got {blend.dtype} "
                        f"{blend.shape}")
+    mixed = found.get("probs") if "member_probs" in found else None
+    if mixed is not None:
+        if mixed.shape != probs.shape[1:] or not np.issubdtype(mixed.dtype, np.floating):
+            raise KitError(f"{path}: 'probs' must be floats of shape {probs.shape[1:]} beside 'member_probs'; got "
+                           f"{mixed.dtype} {mixed.shape}")
+        check_probabilities(path, mixed[None])
+        mixed = torch.from_numpy(mixed.astype(np.float32))
     return ProbFile(path, ids, torch.from_numpy(probs.astype(np.float32)), members, classes,
                     None if labels is None else torch.from_numpy(labels), *_provenance(path, found, probs.shape[:2]),
-                    None if blend is None else blend.astype(np.float64))
+                    None if blend is None else blend.astype(np.float64), mixed)
 
 
 def _provenance(path: Path, found, shape: tuple[int, int]) -> tuple:

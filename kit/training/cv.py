@@ -24,7 +24,8 @@ import torch
 
 from kit.data.datasets import load_dataset, load_held_out
 from kit.errors import KitError
-from kit.inference.ensemble import CV_FILE, FOLD_DIR, OOF_PROBS, load_ensemble
+from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS
+from kit.inference.ensemble import load_ensemble
 from kit.inference.probs import probs_arrays, read_probs, write_probs
 from kit.inference.scores import topk
 from kit.io import write_text
@@ -81,7 +82,7 @@ def run_cv(cv_dir: str | Path, data_root: str | Path | None = None, device: str 
         _train_side_by_side(cv_dir, pending, data_root, device, devices, jobs, echo)
     for fold in pending if not devices else ():
         fold_dir = cv_dir / FOLD_DIR.format(fold)
-        echo(f"fold {fold + 1}/{folds}: {fold_dir}")
+        echo(f"fold {fold} ({fold + 1} of {folds}): {fold_dir}")
         if (fold_dir / "last.pt").is_file():
             resume(fold_dir, data_root=data_root, device=device, echo=echo)
         else:
