@@ -5,7 +5,7 @@ kit.lr_find (kit.api), loaded on first use so that `import kit` and the CLI stay
 
 from kit.recipe import KIT_VERSION as __version__
 
-VERBS = ("train", "predict", "evaluate", "report", "blend", "lr_find", "Run")
+VERBS = ("train", "predict", "evaluate", "report", "blend", "lr_find", "Run", "CV")
 
 
 def __getattr__(name: str):

@@ -53,11 +53,46 @@ class Run:
         return str(self.dir)
 
 
+@dataclass(frozen=True)
+class CV:
+    """A cross-validation directory (kit train --folds): its table, out-of-fold probabilities, plot and fold runs."""
+    dir: Path
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Each fold's accuracy and loss (and test accuracy), their mean and std, the pooled out-of-fold figures (cv.csv)."""
+        return pd.read_csv(self.dir / "cv.csv", dtype={"fold": str})
+
+    @property
+    def oof(self) -> pd.DataFrame:
+        """Every training image's out-of-fold probabilities: id, label, fold and one column per class."""
+        from kit.inference.probs import read_probs
+        probs = read_probs(self.dir / "oof.probs.npz", labelled=True)
+        table = pd.DataFrame(probs.member_probs[0].numpy(), columns=probs.classes)
+        return pd.concat([pd.DataFrame({"id": probs.ids, "label": probs.labels.numpy(), "fold": probs.folds}), table], axis=1)
+
+    @property
+    def folds(self) -> list[Run]:
+        return [Run(p) for p in sorted(self.dir.glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) if p.is_dir()]
+
+    def plot(self) -> Path:
+        """Each fold's validation accuracy per epoch (cv.png), inline in a notebook."""
+        return show(self.dir / "cv.png")
+
+    def __str__(self) -> str:
+        return str(self.dir)
+
+
 def train(recipe: str | Path | Recipe, data_root: str | Path | None = None, runs: str | Path = "runs", device: str = "auto",
-          echo: Callable[[str], None] = print, **overrides) -> Run:
-    """kit train: a new run directory under `runs`."""
+          folds: int | None = None, echo: Callable[[str], None] = print, **overrides) -> Run | CV:
+    """kit train: a new run directory under `runs`; with `folds` (k >= 2), k-fold cross-validation into a CV directory
+    (kit train --folds k). Pseudo-labels are recipe keys: pseudo__probs="sub.probs.npz", pseudo__threshold, pseudo__soft."""
     from kit.training import run
     check_argument("device", device)
+    if folds is not None:
+        from kit.training.cv import train_cv
+        check_argument("folds", folds)
+        return CV(Path(train_cv(_recipe(recipe, overrides), folds, data_root, runs, device, echo=echo)))
     return Run(Path(run.train(_recipe(recipe, overrides), data_root, runs, device, echo=echo)))
 
 

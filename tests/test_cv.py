@@ -257,3 +257,15 @@ def test_blend_and_stack_on_out_of_fold_files(cv_dir, demo_data, tmp_path, run, 
                     tmp_path / "a.probs.npz", "--unlabelled", tmp_path / "b.probs.npz", "--out", tmp_path / "x.csv")
     assert_one_line_error(code, out, "its ids differ from")
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_kit_train_with_folds_from_python_returns_the_cv(demo_data, tmp_path, quiet, cv_dir):
+    import kit
+    cv = kit.train(RECIPES_DIR / "demo.yaml", demo_data, runs=tmp_path, device="cpu", folds=3, echo=quiet, train__epochs=2,
+                   model__args__width=0.125, train__batch_size=32, schedule__name="constant")  # FAST
+    assert isinstance(cv, kit.CV) and [r.dir.name for r in cv.folds] == ["fold-0", "fold-1", "fold-2"]
+    assert cv.table.equals(pd.read_csv(cv_dir / "cv.csv", dtype={"fold": str}))  # the CLI's CV, the same figures
+    oof = cv.oof
+    assert len(oof) == oof.id.nunique() and list(oof.columns[:3]) == ["id", "label", "fold"]
+    with pytest.raises(KitError, match="folds= 1: out of range"):
+        kit.train(RECIPES_DIR / "demo.yaml", demo_data, runs=tmp_path, device="cpu", folds=1)
