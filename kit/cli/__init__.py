@@ -94,7 +94,7 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     from kit.training.run import resume, train
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
-    overrides = tuple(overrides) + ((f"train.log={log}",) if log else ()) + pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft)
+    overrides = (*overrides, *((f"train.log={log}",) if log else ()), *pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft))
     if folds or (resume_dir and is_cv_dir(resume_dir)):
         _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)
         return

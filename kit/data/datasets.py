@@ -166,7 +166,8 @@ def folds_of(labelled: Labelled, folds: int, seed: int, where: str | Path) -> np
 def fold_split(labelled: Labelled, folds: int, fold: int, seed: int, where: str | Path) -> tuple[Labelled, Labelled]:
     """(the other folds, fold `fold`): the training and validation images of one fold's run."""
     of = folds_of(labelled, folds, seed, where)
-    return labelled.subset(torch.from_numpy(np.flatnonzero(of != fold))), labelled.subset(torch.from_numpy(np.flatnonzero(of == fold)))
+    keep, held = (torch.from_numpy(np.flatnonzero(where)) for where in (of != fold, of == fold))
+    return labelled.subset(keep), labelled.subset(held)
 
 
 def split_key(labelled: Labelled, folds: int, seed: int) -> str:

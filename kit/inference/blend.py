@@ -80,12 +80,12 @@ class Side:
     labels: torch.Tensor | None  # as indices into the classes
 
 
-def _named(files: list[ProbFile]) -> list[str] | None:
+def class_names_of(files: list[ProbFile]) -> list[str] | None:
     """The class names of the first file that has them."""
     return next((f.classes for f in files if f.classes is not None), None)
 
 
-def _members(files: list[ProbFile], side: str, classes: list[str] | None) -> Side:
+def aligned_members(files: list[ProbFile], side: str, classes: list[str] | None) -> Side:
     """Every member's (N, K) probabilities on one side, rows aligned on the first file's ids and columns on the class
     names `classes`: a file listing the same classes in another order is reordered, one with other classes refused."""
     first = files[0]
@@ -120,8 +120,9 @@ def blend(labelled: list[str], unlabelled: list[str], out: str, rounds: int = 20
     if not labelled or not unlabelled:
         raise KitError("kit blend needs --labelled and --unlabelled probability files")
     labelled_files, unlabelled_files = paired([read_probs(p, True) for p in labelled], [read_probs(p, False) for p in unlabelled])
-    named = _named(labelled_files + unlabelled_files)
-    scored_side, test_side = _members(labelled_files, "labelled", named), _members(unlabelled_files, "unlabelled", named)
+    named = class_names_of(labelled_files + unlabelled_files)
+    scored_side = aligned_members(labelled_files, "labelled", named)
+    test_side = aligned_members(unlabelled_files, "unlabelled", named)
     scored, names, test, test_names = scored_side.probs, scored_side.members, test_side.probs, test_side.members
     if len(test) != len(scored):
         raise KitError(f"{len(scored)} members on the labelled side ({', '.join(labelled)}) but {len(test)} on the "

@@ -65,34 +65,45 @@ def evaluate_files(paths: list[str], select: bool = False, rounds: int = 20, sel
     with `select` the greedy blend, chosen on `select_on` of the images and scored on the rest. On out-of-fold files
     the blend is chosen on every training image; its selection names the files' members (CV directories), which
     kit predict --blend reads."""
-    from kit.inference.blend import _members, _named
+    from kit.inference.blend import aligned_members, class_names_of
     from kit.inference.probs import read_probs
     files = [read_probs(p, labelled=True) for p in paths]
-    side = _members(files, "labelled", _named(files))
+    side = aligned_members(files, "labelled", class_names_of(files))
     scored, labels = side.probs, side.labels
     choose = report = torch.arange(len(labels))
     if select and select_on < 1:
         choose, report = selection_halves(labels, select_on)
         echo(f"blend chosen on {len(choose):,} images; every figure below is on the other {len(report):,}")
     top5 = scored.shape[2] > 10
-    rows = [{"member": m, "top1": topk(p[report], labels[report], 1), **({"top5": topk(p[report], labels[report], 5)} if top5 else {})}
-            for m, p in zip(side.members, scored)]
-    mean = ensemble_probs(list(scored[:, report]))
-    rows.append({"member": "ensemble (mean)", "top1": topk(mean, labels[report], 1),
-                 **({"top5": topk(mean, labels[report], 5)} if top5 else {})})
+
+    def row(name: str, probs: torch.Tensor) -> dict:
+        figures = {"top1": topk(probs, labels[report], 1)}
+        return {"member": name, **figures, **({"top5": topk(probs, labels[report], 5)} if top5 else {})}
+
+    rows = [row(m, p[report]) for m, p in zip(side.members, scored)]
+    rows.append(row("ensemble (mean)", ensemble_probs(list(scored[:, report]))))
     if select:
         blend = greedy_selection(list(scored[:, choose]), labels[choose], rounds)
-        mixed = ensemble_probs(list(scored[:, report]), blend)
-        rows.append({"member": "ensemble (selected)", "top1": topk(mixed, labels[report], 1),
-                     **({"top5": topk(mixed, labels[report], 5)} if top5 else {})})
-        echo("selected: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(side.members, blend) if w > 0))
-        if select_out:
-            selection = {"blend": {str(Path(m).resolve()): w for m, w in zip(side.members, blend) if w > 0},
-                         "select_on": select_on, "top1": rows[-1]["top1"], "scored_on": len(report), "files": paths}
-            write_text(select_out, json.dumps(selection, indent=2))
-            echo(f"selection: {select_out} (use: kit predict {' '.join(side.members)} --blend {select_out})")
+        rows.append(row("ensemble (selected)", ensemble_probs(list(scored[:, report]), blend)))
+        _selected(side.members, side.members, blend, select_out, {"select_on": select_on, "top1": rows[-1]["top1"],
+                                                                   "scored_on": len(report), "files": paths}, "", echo)
+    return _table(rows, f"{len(paths)} probability file(s): {len(report):,} labelled images", csv_out, echo)
+
+
+def _selected(names: list[str], paths: list[str], blend: list[float], select_out: str | None, details: dict, use: str,
+              echo: Callable[[str], None]) -> None:
+    """Print the selected blend and write its selection file (for kit predict --blend) when asked."""
+    echo("selected: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, blend) if w > 0))
+    if select_out:
+        selection = {"blend": {str(Path(p).resolve()): w for p, w in zip(paths, blend) if w > 0}, **details}
+        write_text(select_out, json.dumps(selection, indent=2))
+        echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --blend {select_out}{use})")
+
+
+def _table(rows: list[dict], header: str, csv_out: str | None, echo: Callable[[str], None]) -> pd.DataFrame:
+    """Print the accuracy table (and write it as a CSV when asked)."""
     table = pd.DataFrame(rows)
-    echo(f"{len(paths)} probability file(s): {len(report):,} labelled images")
+    echo(header)
     echo(table.to_string(index=False, formatters={c: "{:.2%}".format for c in table.columns if c.startswith("top")}))
     if csv_out:
         write_text(csv_out, table.to_csv(index=False))
@@ -140,17 +151,7 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
         used = sum(c.num_params for c, w in zip(checkpoints, blend) if w > 0)
         rows.append(_row("ensemble (selected)", used, ensemble_probs(scored.plain, blend),
                          ensemble_probs(scored.with_views, blend), labels, top5))
-        echo("selected: " + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(checkpoints, blend) if w > 0))
-        if select_out:
-            selection = {"blend": {str(Path(p).resolve()): w for p, w in zip(paths, blend) if w > 0},
-                         "tta": tta, "held_out": held_out, "select_on": select_on, "top1_tta": rows[-1]["top1_tta"],
-                         "scored_on": len(labels)}
-            write_text(select_out, json.dumps(selection, indent=2))
-            echo(f"selection: {select_out} (use: kit predict {' '.join(paths)} --blend {select_out} --tta {tta})")
-    table = pd.DataFrame(rows)
-    echo(f"{held_out} set: {len(labels):,} labelled images, tta {tta}")
-    echo(table.to_string(index=False, formatters={c: "{:.2%}".format for c in table.columns if c.startswith("top")}))
-    if csv_out:
-        write_text(csv_out, table.to_csv(index=False))
-        echo(f"table: {csv_out}")
-    return table
+        _selected([c.name for c in checkpoints], paths, blend, select_out,
+                  {"tta": tta, "held_out": held_out, "select_on": select_on, "top1_tta": rows[-1]["top1_tta"],
+                   "scored_on": len(labels)}, f" --tta {tta}", echo)
+    return _table(rows, f"{held_out} set: {len(labels):,} labelled images, tta {tta}", csv_out, echo)

@@ -110,7 +110,8 @@ class ProbFile:
         either has no names); a file with other classes is refused."""
         k = self.member_probs.shape[2]
         if classes is not None and len(classes) != k:
-            raise KitError(f"{self.path}: {k} classes, not the {len(classes)} of {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}")
+            more = ", ..." if len(classes) > 5 else ""
+            raise KitError(f"{self.path}: {k} classes, not the {len(classes)} of {', '.join(classes[:5])}{more}")
         if classes is None or self.classes is None:
             return torch.arange(k)
         if sorted(self.classes) != sorted(classes):

@@ -89,7 +89,8 @@ def run_cv(cv_dir: str | Path, data_root: str | Path | None = None, device: str 
             train(load_recipe(fold_dir / "recipe.yaml"), data_root, device=device, echo=echo, run_dir=fold_dir)
     table = gather(cv_dir, data_root, device)
     echo(f"cross-validation of {recipe.name}, {folds} folds: {cv_dir}")
-    echo(table.astype(object).where(table.notna(), "").to_string(index=False, formatters={c: _percent for c in ("val_acc", "test_acc")}))
+    shown = table.astype(object).where(table.notna(), "")
+    echo(shown.to_string(index=False, formatters={c: _percent for c in ("val_acc", "test_acc")}))
     return cv_dir
 
 
@@ -113,7 +114,8 @@ def _train_side_by_side(cv_dir: Path, pending: list[int], data_root, device: str
                 cv_dir / f"{FOLD_DIR.format(fold)}.log") for fold in pending]
     failed = [job.name for job in run_jobs(runs, devices, jobs, echo) if job.code != 0]
     if failed:
-        raise KitError(f"{cv_dir}: {', '.join(failed)} failed (see {cv_dir}/fold-*.log); continue with kit train --resume {cv_dir}")
+        raise KitError(f"{cv_dir}: {', '.join(failed)} failed (see {cv_dir}/fold-*.log); continue with "
+                       f"kit train --resume {cv_dir}")
 
 
 def gather(cv_dir: Path, data_root: str | Path | None = None, device: str = "auto") -> pd.DataFrame:

@@ -16,7 +16,7 @@ import torch
 from kit.data.datasets import Dataset, Labelled, concat, read_test_set
 from kit.data.formats import id_key
 from kit.errors import KitError
-from kit.inference.probs import ProbFile, read_probs
+from kit.inference.probs import NOT_A_FOLD, ProbFile, read_probs
 from kit.recipe import Recipe
 
 PSEUDO_TABLE = "pseudo.csv"  # a run's pseudo-labels: how many images of each class it added
@@ -35,8 +35,9 @@ def fold_members(probs: ProbFile, recipe: Recipe, split: str) -> list[int]:
     chosen = [m for m, (f, s) in enumerate(zip(probs.member_folds, probs.member_splits)) if f == fold and s == split]
     if not chosen:
         held = sorted({int(f) for f in probs.member_folds})
+        note = " (-1: not a fold model)" if NOT_A_FOLD in held else ""
         raise KitError(f"{probs.path}: none of its {len(probs.member_probs)} models held out fold {fold} of these folds "
-                       f"({split}; its models held out {', '.join(map(str, held))}{' (-1: not a fold model)' if -1 in held else ''}): "
+                       f"({split}; its models held out {', '.join(map(str, held))}{note}): "
                        f"their pseudo-labels would leak fold {fold}'s validation images into its training")
     return chosen
 
