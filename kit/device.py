@@ -44,6 +44,14 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def device_name(device: torch.device) -> str:
+    """What the device is: the GPU's name (e.g. "Tesla T4"), else the processor's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """The precision a device runs (name, why). `auto`: bf16 where the GPU runs it natively (compute capability
     8.0 and up: A100, L4, H100), fp16 on 7.x (V100, T4: bf16 there is emulated, slow or failing), fp32 below; the

@@ -44,7 +44,31 @@ def test_errors_raise_the_line_the_cli_prints(demo_data, tmp_path, run):
 def test_lr_find_returns_the_sweep_and_draws_it(demo_data, tmp_path, quiet):
     found = kit.lr_find(RECIPES_DIR / "demo.yaml", demo_data, "cpu", updates=12, echo=quiet, model__args__width=0.25)
     assert len(found.lrs) == 12 and found.minimum > 0
-    assert found.plot(tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    figure = found.plot(tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG" and figure._repr_png_()[:4] == b"\x89PNG"
+    assert found.plot() is not figure and not (tmp_path / "lr_find").exists()  # no path: nothing written
+    assert repr(found).count("\n") == 0 and f"suggested optim.lr {found.minimum:.3g}" in repr(found)
+
+
+def test_kit_leaves_matplotlib_to_the_notebook(demo_data, tmp_path):
+    """Issue 41: kit draws on Figure objects: importing it, training (curves.png) and plotting never switch the backend
+    nor add a figure to pyplot's state, so a notebook's own plt.plot(); plt.show() still shows."""
+    import subprocess
+    import sys
+    code = f"""
+import matplotlib
+matplotlib.use("svg")  # stands in for a notebook's inline backend
+import matplotlib.pyplot as plt
+import kit
+run = kit.train({str(RECIPES_DIR / 'demo.yaml')!r}, {str(demo_data)!r}, {str(tmp_path)!r}, "cpu", echo=lambda _: None,
+                train__epochs=1, model__args__width=0.125)
+found = kit.lr_find({str(RECIPES_DIR / 'demo.yaml')!r}, {str(demo_data)!r}, "cpu", updates=12, echo=lambda _: None,
+                    model__args__width=0.125)
+found.plot()
+print(matplotlib.get_backend(), plt.get_fignums(), (run.dir / "curves.png").is_file())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[-2] == "svg [] True"
 
 
 def test_import_kit_loads_no_torch_until_a_verb_is_used():

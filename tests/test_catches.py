@@ -112,7 +112,7 @@ def test_the_layout_tests_reader_finds_imports_inside_functions(tmp_path):
 
 def test_the_disagreement_order_breaks_ties_by_the_larger_spread():
     """Fault: images with the same agreement ordered by their position instead of the members' spread."""
-    from kit.inference.report import disagreement_order
+    from kit.inference.interpret import disagreement_order
     member = np.array([  # 2 members, 3 images, 2 classes
         [[0.6, 0.4], [0.9, 0.1], [0.9, 0.1]],
         [[0.4, 0.6], [0.1, 0.9], [0.9, 0.1]],

@@ -9,7 +9,8 @@ from sklearn.metrics import classification_report
 from kit.errors import KitError
 from kit.inference.blend import greedy_selection, selection_halves
 from kit.inference.evaluate import evaluate
-from kit.inference.report import confused_pairs, per_class_table, report
+from kit.inference.interpret import Interpretation
+from kit.inference.report import per_class_table, report
 from kit.inference.scores import topk
 from kit.inference.submission import check_submission
 
@@ -66,10 +67,22 @@ def test_per_class_numbers_equal_scikit_learn_on_a_known_confusion():
     assert table.f1[3] == pytest.approx(reference["macro avg"]["f1-score"])
 
 
-def test_confused_pairs_are_ordered_by_count():
-    matrix = np.array([[5, 3, 0], [1, 6, 0], [0, 4, 2]])
-    pairs = confused_pairs(matrix, ["a", "b", "c"])
+def _interpretation(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> Interpretation:
+    import torch
+
+    from kit.data.datasets import Labelled
+    n = len(labels)
+    data = Labelled(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.from_numpy(labels), np.arange(n))
+    return Interpretation("t", data, probs, classes)
+
+
+def test_most_confused_pairs_are_ordered_by_count():
+    labels = np.array([0] * 8 + [1] * 7 + [2] * 6)
+    predicted = np.array([0] * 5 + [1] * 3 + [0] + [1] * 6 + [1] * 4 + [2] * 2)  # the matrix [[5, 3, 0], [1, 6, 0], [0, 4, 2]]
+    interp = _interpretation(np.eye(3)[predicted], labels, ["a", "b", "c"])
+    pairs = interp.most_confused()
     assert pairs[["true", "predicted", "count"]].values.tolist() == [["c", "b", 4], ["a", "b", 3], ["b", "a", 1]]
+    assert interp.most_confused(min_count=3)["count"].tolist() == [4, 3]
 
 
 def test_report_writes_every_part(trained_run, tmp_path, quiet):
@@ -151,26 +164,33 @@ def test_selection_on_half_reports_on_the_other_half(trained_run, tmp_path):
     assert table.top1.iloc[0] == pytest.approx((predicted[report] == data.held_out.labels[report]).float().mean().item())
 
 
-def test_the_worst_mistakes_are_the_highest_losses_and_pairs_their_most_confident_examples():
-    from kit.inference.report import pair_examples, worst_mistakes
+def test_the_worst_mistakes_are_the_highest_losses_and_pairs_their_most_confident_examples(monkeypatch):
+    from kit.inference import interpret as interpret_module
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55], [0.05, 0.95]])
     labels = np.array([0, 0, 0, 0, 1])
-    assert worst_mistakes(probs, labels, 5).tolist() == [1, 3]  # wrong ones only, -log p(true) 1.61 then 0.80
-    assert worst_mistakes(probs, labels, 1).tolist() == [1]
-    assert pair_examples(probs, labels, 0, 1, 5).tolist() == [1, 3] and pair_examples(probs, labels, 1, 0, 5).tolist() == []
+    interp = _interpretation(probs, labels, ["a", "b"])
+    assert interp.top_losses(5, mistakes_only=True).index.tolist() == [1, 3]  # wrong ones only, -log p(true) 1.61, 0.80
+    assert interp.top_losses(1).index.tolist() == [1] and interp.top_losses().index.tolist() == [1, 3, 2, 0, 4]
+    assert interp.top_losses(2).loss.tolist() == pytest.approx([-np.log(0.2), -np.log(0.45)])
+    grids = []
+    monkeypatch.setattr(interpret_module, "plot_image_grid", lambda images, captions, *a, **k: grids.append(captions))
+    interp.plot_confused_examples(examples=5)
+    assert [c.split("\n")[0] for c in grids[0] if c] == ["a -> b", "a -> b"]  # the most confident mistake first
+    assert grids[0][0].endswith("p 0.80") and grids[0][1].endswith("p 0.55")
 
 
 def test_the_report_shows_the_mistakes_as_the_images_were_read(trained_run, tmp_path, monkeypatch, quiet):
     """The grids hold the held-out images as read (uint8, not normalized), the worst mistakes first."""
+    from kit.inference import interpret as interpret_module
     from kit.inference import report as report_module
     grids = {}
-    plot = report_module.plot_image_grid
-    monkeypatch.setattr(report_module, "plot_image_grid",
+    plot = interpret_module.plot_image_grid
+    monkeypatch.setattr(interpret_module, "plot_image_grid",
                         lambda images, captions, path, *a, **k: (grids.__setitem__(path.name, (images, captions)),
                                                                  plot(images, captions, path, *a, **k))[1])
     (out,) = report([str(trained_run)], report_dir=str(tmp_path), tta="none", mistakes=5, device="cpu", echo=quiet)
     _, data, scores = report_module.score_run(str(trained_run), None, "val", "none", "cpu")
-    worst = report_module.worst_mistakes(scores.probs, data.labels.numpy(), 5)
+    worst = Interpretation("t", data, scores.probs, [str(c) for c in range(10)]).top_losses(5, mistakes_only=True).index
     images, captions = grids["worst_mistakes.png"]
     assert len(images) == len(worst) > 0 and all(np.array_equal(a, data.images[i].numpy()) for a, i in zip(images, worst))
     assert all(a.dtype == np.uint8 for a in images) and captions[0].startswith(f"{data.labels[worst[0]].item()} -> ")

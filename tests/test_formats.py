@@ -12,7 +12,7 @@ import torch
 
 from kit.data.datasets import _digits_rgb, demo_split, load_dataset, read_test_set
 from kit.data.demo import DIGIT_NAMES, make_demo_format
-from kit.inference import report as report_module
+from kit.inference import interpret as interpret_module
 from kit.recipe import load_recipe
 
 FORMATS = {  # format: (unlabelled test set, sample submission, (channels, size), answers' columns)
@@ -81,7 +81,7 @@ def test_train_predict_and_blend_on_every_format(fmt, demo_dir, tmp_path, traine
     assert code == 0, out
     assert pd.read_csv(tmp_path / "b.csv", dtype=str).equals(written)
     grids = []
-    monkeypatch.setattr(report_module, "plot_image_grid", lambda images, *a, **k: grids.append(images))
+    monkeypatch.setattr(interpret_module, "plot_image_grid", lambda images, *a, **k: grids.append(images))
     code, out = run("report", run_dir, "--report-dir", tmp_path / "report", "--mistakes", 4, "--device", "cpu")
     assert code == 0, out
     channels, size = FORMATS[fmt][2]

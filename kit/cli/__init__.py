@@ -95,6 +95,8 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
     overrides = (*overrides, *((f"train.log={log}",) if log else ()), *pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft))
+    if recipe:
+        overrides = (*overrides, *recognized_overrides(recipe, overrides, data_root))
     if folds or (resume_dir and is_cv_dir(resume_dir)):
         _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)
         return
@@ -109,6 +111,18 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
         else:
             run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
     _print_run(run)
+
+
+def recognized_overrides(recipe: str, overrides: tuple[str, ...], data_root: str | None) -> tuple[str, ...]:
+    """Where the recipe sets no data keys and --data-root holds another layout than CIFAR's: the data keys the folder
+    says (kit.data.inspect), printed, as overrides; else none."""
+    from kit.data.inspect import recognized
+    from kit.recipe import load_recipe
+    _, found = recognized(load_recipe(recipe, overrides).data, data_root)
+    if found is None:
+        return ()
+    click.echo(f"data: {found.what[0]}; recipe keys from the folder: {' '.join(found.overrides())}")
+    return tuple(found.overrides())
 
 
 def pseudo_overrides(probs: str | None, threshold: str | None, soft: bool) -> tuple[str, ...]:
@@ -228,7 +242,7 @@ def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name
 
 @cli.group("data")
 def data_cmd():
-    """Make data folders: the embedded demo, or a download."""
+    """Data folders: the embedded demo, a download, or what a folder holds (inspect)."""
 
 
 @data_cmd.command("demo")
@@ -242,6 +256,20 @@ def data_demo_cmd(out_dir, fmt):
     from kit.data.demo import make_demo_format
     out = make_demo_format(out_dir, fmt)
     click.echo(f"demo data: {out} (format {fmt}); train it: kit train {out / 'recipe.yaml'}")
+
+
+@data_cmd.command("inspect")
+@click.argument("root", metavar="DIR")
+def data_inspect_cmd(root):
+    """What DIR holds: the layout (CIFAR pickles, class folders, a labels CSV and images, a pixels CSV, an .npz), image
+    size and channels, the labelled and unlabelled test sets, and the recipe's data keys for it."""
+    from kit.data.inspect import inspect
+    found = inspect(root)
+    for line in found.what:
+        click.echo(line)
+    click.echo("recipe keys: " + " ".join(found.overrides()))
+    click.echo(f"use: kit train RECIPE --data-root {root}" + "".join(f" --set {o}" for o in found.overrides())
+               + " (or give no data keys: kit train reads them from the folder)")
 
 
 @data_cmd.command("download")
@@ -295,7 +323,9 @@ def lr_find_cmd(recipe, overrides, data_root, updates, start_lr, end_lr, diverge
     found = api.lr_find(load_recipe(recipe, overrides), data_root, device, updates, start_lr, end_lr, diverge, echo=click.echo)
     for line in found.describe(rule):
         click.echo(line)
-    click.echo(f"plot: {found.plot(out or Path('lr_find') / f'{found.recipe}.png')}")
+    plot = Path(out or Path("lr_find") / f"{found.recipe}.png")
+    found.plot(plot)
+    click.echo(f"plot: {plot}")
 
 
 @cli.command("predict")
@@ -315,11 +345,11 @@ def predict_cmd(checkpoints, test_path, tta, blend, weights_from, out, template,
                 adapt_bn, adapt_prior, precision, device):
     """Ensemble CHECKPOINTS (run directories, .pt/.safetensors files, sweep folders) with TTA on a test set; write the
     submission CSV (the template's format, or ID,Labels) and its probabilities (CSV.probs.npz, for kit blend)."""
-    from kit import api
+    from kit.inference.predict import predict
     fmt = submission_format(template, labels, id_column, label_column)
-    api.predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out,
-                batch_size=batch_size, device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision,
-                template=template, fmt=fmt)
+    predict(list(checkpoints), test_path, tta=tta, blend=blend, weights_from=weights_from, out=out, batch_size=batch_size,
+            device=device, adapt_bn=adapt_bn, adapt_prior=adapt_prior, precision=precision, template=template, fmt=fmt,
+            echo=click.echo)
 
 
 @cli.command("blend")
@@ -432,6 +462,51 @@ def report_cmd(checkpoints, data_root, report_dir, held_out, tta, mistakes, test
     from kit import api
     api.report(list(checkpoints), data_root=data_root, report_dir=report_dir, held_out=held_out, tta=tta, device=device,
                precision=precision, mistakes=mistakes, test=test_path)
+
+
+@cli.command("pack")
+@checkpoints_argument
+@click.option("--test", "test_path", required=True, metavar="PATH",
+              help="The test set's path in the competition's notebook, e.g. /kaggle/input/<competition>/test.pkl.")
+@click.option("--out", required=True, metavar="DIR", help="A new folder: kit-wheels/, kit-checkpoints/, inference.py, .ipynb.")
+@click.option("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", show_default=True,
+              help="The image's Python version (the wheels are downloaded for it).")
+@click.option("--platform", default="manylinux2014_x86_64", show_default=True, help="The image's platform tag.")
+@click.option("--image-has", metavar="A,B,...", help="Packages the image already has (default: torch, torchvision, triton, "
+                                                     "nvidia-*); the other dependencies of kit are packed.")
+@click.option("--kaggle-user", default="your-kaggle-username", show_default=True, help="For dataset-metadata.json.")
+@tta_option
+def pack_cmd(checkpoints, test_path, out, python, image_has, platform, kaggle_user, tta):
+    """A folder to upload as Kaggle datasets for a code competition (internet off): a wheelhouse of kit and what the
+    image lacks, the checkpoints as safetensors, and an inference script and notebook that install with --no-index."""
+    from kit.cli.pack import IMAGE_HAS, pack
+    has = tuple(p.strip() for p in image_has.split(",") if p.strip()) if image_has else IMAGE_HAS
+    pack(list(checkpoints), out, test_path, python, platform, has, kaggle_user, tta, echo=click.echo)
+
+
+@cli.command("runs")
+@click.argument("runs_dir", default="runs", required=False)
+@click.option("--csv", "csv_out", metavar="CSV", help="Write the table here too.")
+def runs_cmd(runs_dir, csv_out):
+    """One table of every run below RUNS_DIR (default runs/; a CV's folds and a sweep's trials too), best first: recipe,
+    what differs from its recipe file, parameters, epochs, best and last validation accuracy, time, precision, device."""
+    import pandas as pd
+
+    from kit import api
+    from kit.io import write_text
+    table = api.runs(runs_dir)
+    if table.empty:
+        click.echo(f"{runs_dir}: no run directory (recipe.yaml and metrics.csv) below it")
+        return
+    shown = table.assign(**{c: table[c].map(lambda v: "-" if pd.isna(v) else f"{v:.2%}")
+                            for c in ("best_val_acc", "last_val_acc", "last_ema_val_acc")},
+                         minutes=table.minutes.map("{:.1f}".format),
+                         parameters=table.parameters.map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+                         differs=table.differs.map(lambda v: v if len(v) <= 60 else v[:57] + "..."))
+    click.echo(shown.fillna("-").to_string(index=False))
+    if csv_out:
+        write_text(csv_out, table.to_csv(index=False))
+        click.echo(f"table: {csv_out}")
 
 
 @cli.command("doctor")

@@ -255,11 +255,74 @@ class TestSet:
     layout: str  # how the file stored the images
 
 
+IMAGES_ACCEPTED = ("a test file (the competition's pickle, a folder of images, a pixels CSV, a .npz) or an image file, "
+                   "a list of image paths, a numpy array or torch tensor of uint8 pixels (N, H, W, C), (N, C, H, W) or "
+                   "one image's (H, W, C), (C, H, W), or PIL images")
+
+
+def images_given_in_memory(images) -> bool:
+    """Whether `images` are images from memory (or image files) rather than a test file's path."""
+    from kit.data.formats import IMAGE_EXTENSIONS
+    if isinstance(images, (str, Path)):
+        return Path(images).suffix.lower() in IMAGE_EXTENSIONS and not Path(images).is_dir()
+    return True
+
+
+def images_given(images, spec: DataSpec) -> tuple[TestSet, bool]:
+    """Images from a notebook, at the recipe's size and channels: a test file or one image file (its path), a list of
+    image paths, a uint8 numpy array or torch tensor (a batch or one image, channels last or first) or PIL images.
+    Returns the set (ids: the paths, else 0..N-1) and whether one image was given. Anything else is one KitError
+    saying what is accepted."""
+    from kit.data.formats import IMAGE_EXTENSIONS, decode_images, eight_bits, to_chw
+    size, channels = spec.image_size, spec.channels
+    if isinstance(images, (str, Path)) and Path(images).suffix.lower() in IMAGE_EXTENSIONS and not Path(images).is_dir():
+        return TestSet(np.array([str(images)], dtype=object), decode_images([Path(images)], size, channels), "an image file"), True
+    if isinstance(images, (str, Path)):
+        return read_test_set(images, spec), False
+    if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, Path)) for p in images):
+        paths = [Path(p) for p in images]
+        return TestSet(np.array([str(p) for p in images], dtype=object), decode_images(paths, size, channels), "image files"), False
+    pil = _pil_images(images)
+    if pil is not None:
+        mode = "L" if channels == 1 else "RGB"
+        for i, image in enumerate(pil):
+            if image.size != (size, size):
+                raise KitError(f"PIL image {i}: {image.size[0]}x{image.size[1]} pixels, but the model takes {size}x{size}")
+        arrays = np.stack([eight_bits(image, mode, f"PIL image {i}") for i, image in enumerate(pil)])
+        batch = to_chw(Path("the PIL images"), arrays, size, channels, "pixels")[0]
+        return TestSet(np.arange(len(pil)), torch.from_numpy(np.ascontiguousarray(batch)), "PIL images"), not isinstance(images, list)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise KitError(f"{type(images).__name__}: not images kit reads; give {IMAGES_ACCEPTED}")
+    one = images.ndim == 3 or (images.ndim == 2 and channels == 1)
+    batch, layout = to_chw(Path("the array"), images[None] if one else images, size, channels, "the array")
+    if not len(batch):
+        raise KitError("the array holds no image")
+    return TestSet(np.arange(len(batch)), torch.from_numpy(np.ascontiguousarray(batch)), layout), one
+
+
+def _pil_images(images) -> list | None:
+    """`images` as a list of PIL images, when it is one or a list of them."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
+        return list(images)
+    return None
+
+
 def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
     """The unlabelled test set at the recipe's image size and channels: the competition's pickle (`.pkl`), a folder of
     images, a pixels CSV or a .npz (kit.data.formats). Ids must be unique."""
-    from kit.data.formats import id_key, read_unlabelled
+    from kit.data.formats import IMAGE_EXTENSIONS, id_key, read_unlabelled
     path, spec = Path(path), spec or DataSpec()
+    if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
+        raise KitError(f"{path}: one image, not a test set; predict it with kit.predict(checkpoints, {str(path)!r}) from "
+                       f"Python, or put the test images in a folder and give the folder")
     if is_pickle(path):
         test = read_test_pickle(path, spec.image_size, spec.channels)
     else:

@@ -35,6 +35,20 @@ def scored_images(checkpoints: list[Checkpoint], data_root: str | None, held_out
     return chosen
 
 
+def given_labelled(images, labels, checkpoint: Checkpoint) -> Labelled:
+    """Images in memory (kit.data.datasets.images_given) with one label each: a class name or index of the checkpoint's."""
+    from kit.data.datasets import images_given
+    from kit.data.formats import label_indices
+    if labels is None:
+        raise KitError("images given without labels: give labels=[...] (a class name or index per image)")
+    test, one = images_given(images, checkpoint.recipe.data)
+    labels = [labels] if one and not isinstance(labels, (list, tuple)) else list(labels)
+    if len(labels) != len(test.ids):
+        raise KitError(f"{len(test.ids)} images but {len(labels)} labels")
+    indices, _ = label_indices(labels, checkpoint.classes, Path("labels="), [f"label {i}" for i in range(len(labels))])
+    return Labelled(test.images, torch.from_numpy(indices), test.ids)
+
+
 @dataclass
 class Scored:
     plain: list[torch.Tensor]  # per checkpoint, the identity view only
@@ -115,8 +129,9 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
              rounds: int = 20, weights_from: str = "better", csv_out: str | None = None, select_out: str | None = None,
              batch_size: int | None = None, device: str = "auto", select_on: float = 1.0, adapt_bn: bool = False,
              adapt_prior: float = 0.0, precision: str = "auto", probs_out: str | None = None,
-             echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """Print and write the accuracy table; with `select`, also the chosen blend (and a selection file).
+             images=None, labels=None, echo: Callable[[str], None] = print) -> pd.DataFrame:
+    """Print and write the accuracy table (on `images` with their `labels` when given: images in memory, as
+    kit.predict takes them, labels as class names or indices); with `select`, also the chosen blend (and a selection file).
     `select_on` < 1 chooses the blend on that stratified share of the images and scores the table on the
     others, so the ensemble's figure is not measured on the images that chose it. A sweep folder stands
     for its completed trials, a CV directory for its fold models. `probs_out`: each checkpoint's probabilities (with
@@ -126,7 +141,8 @@ def evaluate(paths: list[str], data_root: str | None = None, held_out: str = "va
         return evaluate_files(paths, select, rounds, select_on, csv_out, select_out, echo)
     ensemble = load_ensemble(paths, weights_from, device, tta, precision=precision, batch_size=batch_size)
     paths, checkpoints, tta = ensemble.paths, ensemble.checkpoints, ensemble.tta
-    data = scored_images(checkpoints, data_root, held_out)
+    data = scored_images(checkpoints, data_root, held_out) if images is None else given_labelled(images, labels, checkpoints[0])
+    held_out = held_out if images is None else "given"
     if adapt_bn:  # the labelled images stand in for the unlabelled set: their labels are not used for it
         ensemble.adapt_batchnorm(data.images, adapt_prior)
         echo(f"BatchNorm statistics re-estimated on the {len(data):,} {held_out} images (prior strength {adapt_prior:g})")

@@ -1,17 +1,33 @@
-"""Figures: training curves and confusion matrices (matplotlib, no display needed)."""
+"""Figures: training curves, confusion matrices, image grids. Drawn on matplotlib `Figure` objects, never through
+pyplot: kit neither switches the backend nor touches pyplot's current figure, so a notebook's own `plt.plot(...);
+plt.show()` stays the notebook's. Each `plot_*` returns its `KitFigure` (which a notebook displays as a PNG when it
+is a cell's value) and writes it atomically when given a path."""
 
+import io
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from kit.inference.checkpoint import better_weights
+from kit.io import atomic_path
 
-from kit.inference.checkpoint import better_weights  # noqa: E402
-from kit.io import atomic_path  # noqa: E402
+
+class KitFigure(Figure):
+    """A matplotlib Figure that Jupyter shows as a PNG when a cell returns it (no pyplot, no backend)."""
+
+    def _repr_png_(self) -> bytes:
+        out = io.BytesIO()
+        self.savefig(out, format="png", dpi=100)
+        return out.getvalue()
+
+
+def _figure(rows: int = 1, columns: int = 1, **kwargs):
+    """A new KitFigure and its axes (as pyplot's `subplots` returns them)."""
+    fig = KitFigure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(rows, columns, **kwargs)
 
 
 def in_notebook() -> bool:
@@ -27,15 +43,17 @@ def show(path: Path) -> Path:
     return path
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+def _save(fig: Figure, path: Path | None) -> Figure:
+    """Write the figure as a PNG at `path` (atomically) when given; returns the figure."""
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    return fig
 
 
-def plot_curves(metrics: pd.DataFrame, path: Path, title: str = "") -> None:
+def plot_curves(metrics: pd.DataFrame, path: Path | None = None, title: str = "") -> Figure:
     """Loss, accuracy (raw and EMA) and learning rate per epoch."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _figure(1, 3, figsize=(13, 3.6))
     axes[0].plot(metrics.epoch, metrics.train_loss, label="train")
     axes[0].plot(metrics.epoch, metrics.val_loss, label="validation")
     axes[0].set_title("loss")
@@ -54,14 +72,14 @@ def plot_curves(metrics: pd.DataFrame, path: Path, title: str = "") -> None:
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path | None = None, title: str = "") -> Figure:
     """Confusion matrix with class names on both axes and counts in the cells (scikit-learn's display)."""
     from sklearn.metrics import ConfusionMatrixDisplay
     size = max(5, 0.45 * len(classes))
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = _figure(figsize=(size + 1, size))
     display = ConfusionMatrixDisplay(matrix, display_labels=classes)
     display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=60, include_values=len(classes) <= 20,
                  text_kw={"fontsize": 7})
@@ -70,13 +88,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_val_curves(curves: dict[str, tuple[pd.DataFrame, bool]], path: Path, title: str = "") -> None:
+def plot_val_curves(curves: dict[str, tuple[pd.DataFrame, bool]], path: Path | None = None, title: str = "") -> Figure:
     """Validation accuracy (the better of raw and EMA) per epoch, one line per run in the order given (a sweep's trials,
     a CV's folds), each labelled by its key; runs marked True dashed (pruned or failed trials)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure(figsize=(7, 4))
     for label, (metrics, dashed) in curves.items():
         acc = better_weights(metrics.val_acc, metrics.ema_val_acc)[0] * 100
         ax.plot(metrics.epoch, acc, linestyle="--" if dashed else "-", marker=".", label=label)
@@ -86,17 +104,17 @@ def plot_val_curves(curves: dict[str, tuple[pd.DataFrame, bool]], path: Path, ti
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
+def plot_robustness(table: pd.DataFrame, path: Path | str | None = None) -> Figure:
     """Accuracy against severity, one panel per corruption: each checkpoint as trained (solid) and with its BatchNorm
     statistics re-estimated on the corrupted images (dashed); severity 0 is the clean images."""
     clean = table[table.severity == 0]
     names = [c for c in table.corruption.unique() if c != "clean"]
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    fig, axes = _figure(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
     for ax, name in zip(axes.flat, names):
         for checkpoint, rows_of in table[table.corruption == name].groupby("checkpoint", sort=False):
             start = clean[clean.checkpoint == checkpoint]
@@ -113,13 +131,13 @@ def plot_robustness(table: pd.DataFrame, path: Path | str) -> None:
     axes[0][0].set_ylabel("top-1 (%)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, Path(path))
+    return _save(fig, None if path is None else Path(path))
 
 
-def plot_lr_find(found, path: Path) -> Path:
+def plot_lr_find(found, path: Path | None = None) -> Figure:
     """kit lr-find: the loss (faint) and its centred average (what the rules read) against the LR (log scale), both
     suggestions marked."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = _figure(figsize=(6.4, 4))
     ax.plot(found.lrs, found.losses, color="C0", alpha=0.25, label="loss of each update")
     ax.plot(found.lrs, found.smoothed, color="C0", label="centred average (what the rules read)")
     for rule, lr, color in (("minimum / 10", found.minimum, "C2"), ("steepest descent", found.steep, "C3")):
@@ -135,15 +153,14 @@ def plot_lr_find(found, path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    return path
+    return _save(fig, path)
 
 
-def plot_image_grid(images: list, captions: list[str], path: Path, title: str = "", columns: int = 8) -> Path:
+def plot_image_grid(images: list, captions: list[str], path: Path | None = None, title: str = "", columns: int = 8) -> Figure:
     """uint8 (C, S, S) images as read (1 channel in gray, 3 in colour; None leaves a cell empty), a caption each."""
     columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.95), squeeze=False)
+    fig, axes = _figure(rows, columns, figsize=(columns * 1.5, rows * 1.95), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
@@ -158,5 +175,4 @@ def plot_image_grid(images: list, captions: list[str], path: Path, title: str = 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    return path
+    return _save(fig, path)

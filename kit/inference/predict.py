@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from kit.data.datasets import read_test_set
@@ -51,6 +52,8 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     compute_seconds = time.perf_counter() - start  # probs come back on the CPU: the device work is done
     probs = ensemble_probs(per_checkpoint, weights)
     out_path = Path(out) if out else default_out(checkpoints)
+    if out_path.exists():
+        echo(f"replacing {out_path} (and {out_path.with_suffix('.probs.npz').name} beside it)")
     arrays = probs_arrays(test.ids, probs.numpy(), classes, [c.path for c in checkpoints], torch.stack(per_checkpoint).numpy(),
                           blend=weights, source=f"the predictions on {test_path}",
                           extra={"test": str(Path(test_path).resolve()), **member_provenance(checkpoints)})
@@ -62,6 +65,28 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
          f"{len(views)} views on {ensemble.prec.device}")
     echo(f"submission: {out_path} ({_describe_format(fmt)})")
     return out_path
+
+
+def predict_images(paths: list[str], images, tta: str | None = None, blend: str | None = None, weights_from: str = "better",
+                   batch_size: int | None = None, device: str = "auto", adapt_bn: bool = False, adapt_prior: float = 0.0,
+                   precision: str = "auto"):
+    """Images in memory (kit.data.datasets.images_given: arrays, tensors, PIL images, image paths) through the same
+    ensemble, TTA and blend as a test file: a DataFrame with the predicted class (`label`) and one probability column
+    per class, a row per image (index: the paths, else 0..N-1); for one image, (its class, its probabilities)."""
+    from kit.data.datasets import images_given
+    from kit.inference.probs import check_probabilities
+    ensemble = load_ensemble(paths, weights_from, device, tta, blend, precision, batch_size)
+    classes = ensemble.checkpoints[0].classes
+    test, one = images_given(images, ensemble.checkpoints[0].recipe.data)
+    if adapt_bn:
+        ensemble.adapt_batchnorm(test.images, adapt_prior)
+    probs = ensemble_probs(ensemble.probs(test.images), ensemble.blend).numpy()
+    check_probabilities("the predictions", probs[None])
+    table = pd.DataFrame(probs, columns=classes, index=pd.Index(test.ids, name="id"))
+    table.insert(0, "label", [classes[k] for k in probs.argmax(1)])
+    if one:
+        return table.label.iloc[0], table.iloc[0, 1:].astype(float).rename("probability")
+    return table
 
 
 def member_provenance(checkpoints: list[Checkpoint]) -> dict[str, np.ndarray]:

@@ -24,11 +24,12 @@ from kit.device import resolve_device
 from kit.errors import KitError
 from kit.recipe import LR_FIND_RULES, LR_FIND_UPDATES, Recipe
 from kit.training.engine import EpochResult, Hooks, Trainer, build_trainer
-from kit.training.run import check_batch, silent, with_data_root
+from kit.training.run import check_batch, progress_bar, silent, with_data_root
 
 SMOOTHING = 0.98  # the stop rule's running average of the loss, debiased (fastai's beta)
 WINDOW_DECADES = 1.0  # the rules' smoothing: the mean loss of the updates within half a decade of LR either side
 CHECK_EVERY = 10  # updates between reads of the losses (each read waits for the device)
+PROGRESS_LINES = 10  # without a bar: a line each tenth of the sweep
 PEAK_SCHEDULES = ("onecycle",)  # schedules whose optim.lr is a peak reached mid-run, not the starting rate
 
 
@@ -69,10 +70,16 @@ class LRFind:
             return ""
         return " (stopped: the loss diverged)" if len(self.lrs) < self.planned else " (the loss diverged at its end)"
 
-    def plot(self, path: str | Path) -> Path:
-        """The smoothed loss against the LR (log scale), with both suggestions marked, as a PNG (inline in a notebook)."""
-        from kit.inference.plots import plot_lr_find, show
-        return show(plot_lr_find(self, Path(path)))
+    def plot(self, path: str | Path | None = None):
+        """The loss and its smoothed curve against the LR (log scale), both suggestions marked: a matplotlib Figure
+        (shown inline when a notebook cell returns it), also written as a PNG at `path` when given."""
+        from kit.inference.plots import plot_lr_find
+        return plot_lr_find(self, None if path is None else Path(path))
+
+    def __repr__(self) -> str:
+        """One line: the suggestion (`describe()` has the rest; the arrays are attributes)."""
+        return (f"LRFind({self.recipe}: suggested optim.lr {self.minimum:.3g} (rule minimum), {self.steep:.3g} (rule steep); "
+                f"{len(self.lrs)} of {self.planned} updates{self._ending()})")
 
 
 def running_average(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:
@@ -121,9 +128,12 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
     trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)  # sizes the head to the data
     lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
     trainer.lr.use_table(torch.from_numpy(lrs))
-    sweep = Sweep(updates, diverge, trainer.prec.device)
+    sweep = Sweep(updates, diverge, trainer.prec.device, lrs, progress_bar(updates, f"lr-find {recipe.name}"), echo)
     trainer.num_epochs = -(-updates // trainer.updates_per_epoch)  # across epochs as needed
-    trainer.fit(sweep)  # the Trainer's own epoch loop, this sweep as its hooks
+    try:
+        trainer.fit(sweep)  # the Trainer's own epoch loop, this sweep as its hooks
+    finally:
+        sweep.close()
     done, losses = sweep.done, sweep.losses
     smoothed = centered_average(lrs[:done], losses)
     if not np.isfinite(smoothed).any():
@@ -136,24 +146,41 @@ class Sweep(Hooks):
     """lr-find's hooks on the Trainer's loop: each update's running epoch loss kept on the device, read every
     CHECK_EVERY updates (each read waits for the device), the sweep stopped once it has run `updates` or diverged."""
 
-    def __init__(self, updates: int, diverge: float, device: torch.device):
-        self.updates, self.diverge = updates, diverge
+    def __init__(self, updates: int, diverge: float, device: torch.device, lrs: np.ndarray, bar=None,
+                 echo: Callable[[str], None] = print):
+        self.updates, self.diverge, self.lrs, self.bar, self.echo = updates, diverge, lrs, bar, echo
         self.sums = torch.zeros(updates, device=device)  # each update's running epoch sum of batch losses
-        self.done, self.diverged, self.losses = 0, False, np.empty(0)
+        self.done, self.diverged, self.losses, self.reported = 0, False, np.empty(0), 0
 
     def after_update(self, trainer: Trainer, done: int) -> bool:
         self.sums[self.done] = trainer.loss_sum
         self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
         if self.done % CHECK_EVERY == 0 or self.done == self.updates:
             self.losses = _per_update(self.sums[:self.done].cpu().numpy(), trainer.updates_per_epoch)
             running = running_average(self.losses)
             finite = running[np.isfinite(running)]
             self.diverged = not np.isfinite(running[-1]) or running[-1] > self.diverge * finite.min()
+            self.show(running[-1])
         # the sweep ends only after a check (its last update, or a divergence found by one): `losses` holds every update
         return self.diverged or self.done == self.updates
 
     def after_epoch(self, trainer: Trainer, result: EpochResult) -> bool:
         return not (self.diverged or self.done == self.updates)
+
+    def show(self, loss: float) -> None:
+        """Where the sweep stands: on its bar, or (no bar: a log, a notebook without ipywidgets) one line per tenth."""
+        lr = self.lrs[self.done - 1]
+        if self.bar is not None:
+            self.bar.set_postfix(lr=f"{lr:.2g}", loss=f"{loss:.3f}")
+        elif self.done * PROGRESS_LINES // self.updates > self.reported:
+            self.reported = self.done * PROGRESS_LINES // self.updates
+            self.echo(f"lr-find: {self.done} of {self.updates} updates, LR {lr:.2g}, loss {loss:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _per_update(sums: np.ndarray, updates_per_epoch: int) -> np.ndarray:

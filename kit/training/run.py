@@ -10,6 +10,7 @@ a checkpoint resumes from the start. SIGTERM and SIGINT stop at the next update 
 inside the epoch to last.pt, and exit 143 or 130; the resumed run continues from that update."""
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from kit.data.datasets import Dataset, load_dataset
-from kit.device import choose_precision, deterministic
+from kit.device import choose_precision, deterministic, device_name
 from kit.errors import KitError
 from kit.faults import Stopped, StopRequest, fault_point
 from kit.inference.checkpoint import better_weights, read_payload, save_checkpoint
@@ -60,6 +61,7 @@ def with_data_root(recipe: Recipe, data_root: str | Path | None) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=str(root)))
 
 
+RUN_INFO = "run.json"  # the device, its name, the precision, processes and parameters of the run's latest start
 VAL_PROBS = "val.probs.npz"  # a run's validation probabilities at its best epoch (kit blend's labelled side)
 
 
@@ -280,14 +282,30 @@ def _summary(row: dict, epochs: int) -> str:
             + (f" ({row['skipped_updates']} fp16 updates skipped)" if row["skipped_updates"] else ""))
 
 
+def progress_bar(total: int, desc: str, main: bool = True):
+    """tqdm's bar where it draws in place: its text bar on a terminal, its widget in a notebook that has ipywidgets.
+    None elsewhere: in a notebook without ipywidgets tqdm's text fallback writes a line per refresh (hundreds per epoch,
+    kept in the saved notebook), and a log file needs none (the epoch lines are printed either way)."""
+    if not main:
+        return None
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401  (tqdm's notebook bar is an ipywidgets widget)
+        except ImportError:
+            return None
+        from tqdm.notebook import tqdm
+    elif sys.stderr.isatty():
+        from tqdm import tqdm
+    else:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, unit="update")
+
+
 class EpochProgress:
-    """A tqdm bar on a terminal or in a notebook (rank 0); nothing otherwise (the epoch summary line is printed either way)."""
+    """An epoch's bar (rank 0) where one draws in place (`progress_bar`); the epoch summary line is printed either way."""
 
     def __init__(self, epoch: int, epochs: int, updates: int, main: bool = True):
-        self.bar, self.n = None, 0
-        if main and (sys.stderr.isatty() or in_notebook()):
-            from tqdm.auto import tqdm  # a notebook's own bar in Jupyter (with ipywidgets), text elsewhere
-            self.bar = tqdm(total=updates, desc=f"epoch {epoch}/{epochs}", leave=False, unit="update")
+        self.bar, self.n = progress_bar(updates, f"epoch {epoch}/{epochs}", main), 0
 
     def update(self, images: int, loss_sum: torch.Tensor) -> None:
         if self.bar is None:
@@ -365,9 +383,12 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
         from kit.training.pseudo import PSEUDO_TABLE, describe
         write_text(run.dir / PSEUDO_TABLE, pseudo.to_csv(index=False))
         run.echo(describe(pseudo, recipe))
+    precision, why = choose_precision(recipe.train.precision, dev)
+    if ranks.main:  # what the files do not say: where it trained (kit runs reads it)
+        write_text(run.dir / RUN_INFO, json.dumps({"device": str(dev), "device_name": device_name(dev), "precision": precision,
+                                                   "processes": ranks.world_size, "parameters": trainer.num_params}))
     if init_from is None:
         processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
-        precision, why = choose_precision(recipe.train.precision, dev)
         run.echo(f"{recipe.name}: {trainer.num_params:,} parameters, {len(dataset.train):,} training / "
                  f"{len(dataset.held_out):,} validation images, {dev}, precision {precision} ({why}){processes}, run {run.dir}")
         if recipe.data.validation == "none":
