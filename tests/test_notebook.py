@@ -23,8 +23,8 @@ TINY = {"train__epochs": 1, "model__args__width": 0.125}
 
 
 def _cell(source: str) -> dict:
-    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "id": f"c{abs(hash(source)) % 10**8}",
-            "source": source}
+    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+            "id": f"c{abs(hash(source)) % 10**8}", "source": source}
 
 
 @pytest.mark.slow
@@ -39,8 +39,8 @@ def test_a_notebook_trains_predicts_interprets_and_keeps_its_own_plots(demo_data
         f"images = read_test_pickle({str(demo_data / 'cifar_test_nolabel.pkl')!r}).images.permute(0, 2, 3, 1).numpy()\n"
         "table = kit.predict(run.dir, images[:8], device='cpu')\nlabel, probs = kit.predict(run.dir, images[0], device='cpu')\n"
         "assert len(table) == 8 and label == table.label.iloc[0] and abs(probs.sum() - 1) < 1e-4\nprint(table.shape)",
-        "interp = kit.interpret(run.dir, held_out='test', device='cpu')\nprint(interp.top_losses(3).shape, len(interp.most_confused()))\n"
-        "interp.plot_confusion()",
+        "interp = kit.interpret(run.dir, held_out='test', device='cpu')\n"
+        "print(interp.top_losses(3).shape, len(interp.most_confused()))\ninterp.plot_confusion()",
         f"found = kit.lr_find({str(DEMO)!r}, {str(demo_data)!r}, 'cpu', updates=12, model__args__width=0.125)\nfound",
         "found.plot()",
         "plt.plot([1, 2, 3], [3, 1, 2])\nplt.title('the notebook own plot')\nplt.show()",
@@ -135,7 +135,8 @@ def test_every_verb_says_its_arguments_and_what_it_returns():
 
 
 def test_predict_and_report_say_what_they_replace(trained_run, demo_data, tmp_path, run):
-    args = ("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", tmp_path / "s.csv", "--device", "cpu")
+    args = ("predict", trained_run, "--test", demo_data / "cifar_test_nolabel.pkl", "--out", tmp_path / "s.csv",
+            "--device", "cpu")
     assert "replacing" not in run(*args)[1]
     assert f"replacing {tmp_path / 's.csv'}" in run(*args)[1]
     args = ("report", trained_run, "--report-dir", tmp_path / "r", "--device", "cpu")
@@ -212,3 +213,12 @@ def test_pack_installs_offline_in_a_fresh_venv_and_predicts(trained_run, demo_da
     assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(tmp_path / "here.csv"))
     command = download_command({"click": "8.1.0"}, tmp_path, "3.12", "manylinux2014_x86_64")
     assert command[-1] == "click==8.1.0" and "--no-deps" in command and command[command.index("--python-version") + 1] == "3.12"
+
+
+def test_a_short_grids_title_is_wrapped_to_its_width_never_cut():
+    from kit.inference.plots import TITLE_CHARS_PER_INCH, plot_image_grid
+    title = "The 2 held-out images with the highest loss (true -> predicted), a title longer than two images are wide"
+    figure = plot_image_grid([np.zeros((3, 8, 8), np.uint8)] * 2, ["a", "b"], title=title)
+    width = figure.get_size_inches()[0]
+    lines = figure._suptitle.get_text().split("\n")
+    assert len(lines) > 1 and " ".join(lines) == title and max(map(len, lines)) <= width * TITLE_CHARS_PER_INCH

@@ -137,7 +137,8 @@ import sys
 from pathlib import Path
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--input", help="the folder holding {WHEELS}/ and {CHECKPOINTS}/ (default: /kaggle/input, else beside this file)")
+parser.add_argument("--input", help="the folder holding {WHEELS}/ and {CHECKPOINTS}/ (default: /kaggle/input, "
+                                    "else beside this file)")
 parser.add_argument("--test", default={test!r}, help="the competition's test set")
 parser.add_argument("--out", default="submission.csv")
 args, _ = parser.parse_known_args()
@@ -156,6 +157,6 @@ print("submission:", args.out)
 def write_notebook(path: Path, script: str) -> None:
     """The script as a one-cell notebook (nbformat 4, written as JSON: no nbformat needed here)."""
     cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": script.splitlines(True)}
-    notebook = {"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-                "nbformat": 4, "nbformat_minor": 5}
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook = {"cells": [cell], "metadata": {"kernelspec": kernel}, "nbformat": 4, "nbformat_minor": 5}
     path.write_text(json.dumps(notebook, indent=1) + "\n")

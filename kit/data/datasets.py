@@ -276,12 +276,14 @@ def images_given(images, spec: DataSpec) -> tuple[TestSet, bool]:
     from kit.data.formats import IMAGE_EXTENSIONS, decode_images, eight_bits, to_chw
     size, channels = spec.image_size, spec.channels
     if isinstance(images, (str, Path)) and Path(images).suffix.lower() in IMAGE_EXTENSIONS and not Path(images).is_dir():
-        return TestSet(np.array([str(images)], dtype=object), decode_images([Path(images)], size, channels), "an image file"), True
+        image = decode_images([Path(images)], size, channels)
+        return TestSet(np.array([str(images)], dtype=object), image, "an image file"), True
     if isinstance(images, (str, Path)):
         return read_test_set(images, spec), False
     if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, Path)) for p in images):
         paths = [Path(p) for p in images]
-        return TestSet(np.array([str(p) for p in images], dtype=object), decode_images(paths, size, channels), "image files"), False
+        ids = np.array([str(p) for p in images], dtype=object)
+        return TestSet(ids, decode_images(paths, size, channels), "image files"), False
     pil = _pil_images(images)
     if pil is not None:
         mode = "L" if channels == 1 else "RGB"
@@ -290,7 +292,8 @@ def images_given(images, spec: DataSpec) -> tuple[TestSet, bool]:
                 raise KitError(f"PIL image {i}: {image.size[0]}x{image.size[1]} pixels, but the model takes {size}x{size}")
         arrays = np.stack([eight_bits(image, mode, f"PIL image {i}") for i, image in enumerate(pil)])
         batch = to_chw(Path("the PIL images"), arrays, size, channels, "pixels")[0]
-        return TestSet(np.arange(len(pil)), torch.from_numpy(np.ascontiguousarray(batch)), "PIL images"), not isinstance(images, list)
+        one = not isinstance(images, (list, tuple))
+        return TestSet(np.arange(len(pil)), torch.from_numpy(np.ascontiguousarray(batch)), "PIL images"), one
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     if not isinstance(images, np.ndarray):

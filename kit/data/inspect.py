@@ -38,7 +38,8 @@ def inspect(root: str | Path) -> Found:
     for folder, dataset in ((CIFAR10_DIR, "cifar10"), (CIFAR100_DIR, "cifar100")):
         if (root / folder).is_dir():
             return Found({"format": "cifar", "dataset": dataset, "validation": "test"},
-                         [f"{root}: the {dataset} python pickles ({folder}/): 32x32 RGB, the labelled test set is its test batch"])
+                         [f"{root}: the {dataset} python pickles ({folder}/): 32x32 RGB, the labelled test set is its "
+                          f"test batch"])
     found = [f for f in (_class_folders(root), _labels_csv(root), _pixels_csv(root), _npz(root)) if f is not None]
     if not found:
         raise KitError(f"{root}: no layout kit reads (class folders, a labels CSV beside an image folder, a pixels CSV "
@@ -132,8 +133,9 @@ def _pixels_csv(root: Path) -> Found | None:
                 "validation": "split"}
         what = [f"{root}: a pixels CSV ({csv.name}: {len(table):,} images, {size}x{size} {'gray' if channels == 1 else 'RGB'}, "
                 f"labels in {label})", "no labelled test set: validation is a stratified split"]
-        what += [f"unlabelled test set: {other.name}" for other in _csvs(root)
-                 if other != csv and _label_column(read_csv(other).columns.tolist()) is None and len(read_csv(other).columns) >= 10]
+        unlabelled = [other for other in _csvs(root) if other != csv]
+        what += [f"unlabelled test set: {other.name}" for other in unlabelled
+                 if _label_column(read_csv(other).columns.tolist()) is None and len(read_csv(other).columns) >= 10]
         return Found(keys, what)
     return None
 

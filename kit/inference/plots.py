@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from kit.inference.checkpoint import better_weights
 from kit.io import atomic_path
 
+TITLE_CHARS_PER_INCH = 14  # characters of a 9-point title per inch of figure width
+
 
 class KitFigure(Figure):
     """A matplotlib Figure that Jupyter shows as a PNG when a cell returns it (no pyplot, no backend)."""
@@ -158,9 +160,13 @@ def plot_lr_find(found, path: Path | None = None) -> Figure:
 
 def plot_image_grid(images: list, captions: list[str], path: Path | None = None, title: str = "", columns: int = 8) -> Figure:
     """uint8 (C, S, S) images as read (1 channel in gray, 3 in colour; None leaves a cell empty), a caption each."""
+    import textwrap
     columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    fig, axes = _figure(rows, columns, figsize=(columns * 1.5, rows * 1.95), squeeze=False)
+    width = max(columns * 1.5, 4.0)  # a few images still leave room for the title, wrapped to the width
+    title = "\n".join(textwrap.wrap(title, int(width * TITLE_CHARS_PER_INCH))) if title else ""
+    lines = title.count("\n") + 1 if title else 0
+    fig, axes = _figure(rows, columns, figsize=(width, rows * 1.95 + 0.2 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):

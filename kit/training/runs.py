@@ -43,9 +43,11 @@ def _row(run: Path, root: Path, recipes: Path) -> dict:
     last = metrics.iloc[-1] if len(metrics) else None
     return {"run": str(run.relative_to(root)), "recipe": recipe.name, "differs": differs(recipe, recipes),
             "parameters": info.get("parameters"), "epochs": f"{len(metrics)}/{recipe.train.epochs}",
-            "best_val_acc": None if best is None else scores[best], "best_epoch": None if best is None else int(metrics.epoch[best]),
+            "best_val_acc": None if best is None else scores[best],
+            "best_epoch": None if best is None else int(metrics.epoch[best]),
             "best_weights": None if best is None else sources[best],
-            "last_val_acc": None if last is None else last.val_acc, "last_ema_val_acc": None if last is None else last.ema_val_acc,
+            "last_val_acc": None if last is None else last.val_acc,
+            "last_ema_val_acc": None if last is None else last.ema_val_acc,
             "minutes": metrics.seconds.sum() / 60, "precision": info.get("precision"),
             "device": info.get("device_name") or info.get("device")}
 
