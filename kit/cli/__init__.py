@@ -95,7 +95,7 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
     if bool(recipe) == bool(resume_dir):
         raise KitError("give either RECIPE or --resume RUN_DIR")
     overrides = (*overrides, *((f"train.log={log}",) if log else ()), *pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft))
-    if recipe:
+    if recipe and data_root:
         overrides = (*overrides, *recognized_overrides(recipe, overrides, data_root))
     if folds or (resume_dir and is_cv_dir(resume_dir)):
         _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)

@@ -23,6 +23,7 @@ from kit.inference.submission import (
     with_classes,
     write_submission,
 )
+from kit.io import check_output
 from kit.recipe import DEFAULT_MAX_PARAMS
 
 
@@ -52,7 +53,7 @@ def predict(paths: list[str], test_path: str, tta: str | None = None, blend: str
     compute_seconds = time.perf_counter() - start  # probs come back on the CPU: the device work is done
     probs = ensemble_probs(per_checkpoint, weights)
     out_path = Path(out) if out else default_out(checkpoints)
-    if out_path.exists():
+    if check_output(out_path).exists():  # a regular file (anything else is refused there)
         echo(f"replacing {out_path} (and {out_path.with_suffix('.probs.npz').name} beside it)")
     arrays = probs_arrays(test.ids, probs.numpy(), classes, [c.path for c in checkpoints], torch.stack(per_checkpoint).numpy(),
                           blend=weights, source=f"the predictions on {test_path}",
