@@ -70,6 +70,8 @@ def params_cmd(recipe, overrides):
               help="Continue this run from its last.pt (a CV directory: its fold in progress, then the rest).")
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
+@click.option("--run-name", metavar="NAME", help="A fixed run directory, RUNS/NAME, continued from its last.pt when it has "
+                                                 "one: what torchrun --max-restarts restarts (every node runs the same command).")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
@@ -85,7 +87,7 @@ def params_cmd(recipe, overrides):
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --seeds or --folds: runs at once per device.")
 @device_option
-def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, seeds, folds, pseudo, pseudo_threshold,
+def train_cmd(recipe, overrides, resume_dir, data_root, out_root, run_name, log, gpus, seeds, folds, pseudo, pseudo_threshold,
               pseudo_soft, devices, jobs, device):
     """Train RECIPE into runs/<recipe>-<time>/, or continue one with --resume RUN_DIR (also on another device).
     Under torchrun (or with --gpus N) every process trains its slice of each batch; rank 0 writes."""
@@ -105,11 +107,14 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, log, gpus, see
         return
     if gpus > 1 and "LOCAL_RANK" not in os.environ:  # this very command again, one process per GPU, under torchrun
         sys.exit(distributed.launch(gpus, _without_gpus(click.get_current_context())))
+    named = Path(out_root) / run_name if run_name else None
+    if named is not None and (named / "last.pt").is_file():  # a restarted torchrun group: every rank sees the same file
+        resume_dir = named
     with distributed.process_group():  # kit train -> train/resume -> Run.fit (the run's loop) -> Trainer.update
         if resume_dir:
-            run = resume(resume_dir, overrides=overrides, data_root=data_root, device=device)
+            run = resume(resume_dir, overrides=overrides if not named else (), data_root=data_root, device=device)
         else:
-            run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device)
+            run = train(load_recipe(recipe, overrides), data_root=data_root, out_root=out_root, device=device, run_dir=named)
     _print_run(run)
 
 
@@ -225,10 +230,15 @@ def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
 @click.option("--no-prune", is_flag=True, help="Train every trial to the end.")
 @click.option("--prune-startup", default=4, show_default=True, help="Trials that finish before the median pruner acts.")
 @click.option("--data-root", metavar="DIR")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seconds between a trial's heartbeats in a database; a worker silent for 3 of them is dead, and its "
+                   "trial is queued again (at most 3 times).")
+@click.option("--db-wait", type=click.FloatRange(min=0), default=120, show_default=True,
+              help="Seconds a worker waits for a database that stopped answering before it stops.")
 @devices_option
 @device_option
 def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name, storage, jobs, no_prune, prune_startup,
-              data_root, devices, device):
+              data_root, heartbeat, db_wait, devices, device):
     """Train RECIPE's variants as Optuna trials; write sweeps/<name>/results.csv, results.md and curves.png.
     The same command continues an interrupted sweep."""
     import optuna
@@ -237,7 +247,7 @@ def sweep_cmd(recipe, overrides, grid, space, trials, name, out_root, study_name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep(recipe, overrides=tuple(overrides), grid=tuple(grid), space=space, trials=trials, name=name, out_root=out_root,
           study_name=study_name, storage=storage, jobs=jobs, prune=not no_prune, prune_startup=prune_startup,
-          data_root=data_root, device=device, devices=devices)
+          data_root=data_root, device=device, devices=devices, heartbeat_s=heartbeat, db_wait_s=db_wait)
 
 
 @cli.group("data")

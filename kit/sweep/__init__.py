@@ -6,7 +6,8 @@ empty slots that Optuna's TPE fills from a `--space` file when a worker takes th
 time (Optuna marks a trial RUNNING only for the first who asks), so a study runs each trial once. Each trial
 is an ordinary run directory made through `--set` overrides; it reports validation accuracy every epoch and
 is pruned by the median rule. A re-run continues: finished trials are left alone, and a trial whose worker
-died (on this machine) resumes its run directory from last.pt."""
+died resumes its run directory from last.pt (kit.sweep.queue: at once on this machine, after its heartbeat's grace
+period from another one)."""
 
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from kit.device import worker_devices
 from kit.io import write_text
 from kit.sweep.plan import check_same_plan, make_plan, parse_grid, read_space
-from kit.sweep.queue import Sweep, work
+from kit.sweep.queue import DB_WAIT_S, HEARTBEAT_S, Sweep, shown_url, work
 from kit.sweep.results import write_results
 
 __all__ = ["parse_grid", "read_space", "sweep"]
@@ -27,8 +28,8 @@ __all__ = ["parse_grid", "read_space", "sweep"]
 def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str, ...] = (), space: str | None = None,
           trials: int | None = None, name: str | None = None, out_root: str = "sweeps", study_name: str | None = None,
           storage: str | None = None, jobs: int = 1, prune: bool = True, prune_startup: int = 4,
-          data_root: str | None = None, device: str = "auto", devices: tuple[str, ...] = (),
-          echo: Callable[[str], None] = print) -> pd.DataFrame:
+          data_root: str | None = None, device: str = "auto", devices: tuple[str, ...] = (), heartbeat_s: int = HEARTBEAT_S,
+          db_wait_s: float = DB_WAIT_S, echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Run (or continue) a sweep; returns its results table. `devices` (GPU indices): `jobs` workers on each,
     every worker pinned to its GPU."""
     plan = make_plan(recipe_path, overrides, grid, space, trials)
@@ -37,11 +38,13 @@ def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str,
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "sweep.yaml", yaml.safe_dump(plan.as_dict(), sort_keys=False))
     storage = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    job = Sweep(folder, plan, study_name or folder.name, storage, prune, prune_startup, data_root, device)
+    job = Sweep(folder, plan, study_name or folder.name, storage, prune, prune_startup, data_root, device, heartbeat_s,
+                db_wait_s)
     placed = worker_devices(tuple(devices), jobs)
     on = f" on GPUs {', '.join(devices)}" if devices else ""
-    echo(f"sweep {folder}: {plan.trials} trials planned, study '{job.study_name}' in {storage}, {len(placed)} at a time{on}")
-    opened = job.open_study()
+    opened = job.open_study()  # a wrong URL, password or study is one line before anything else
+    echo(f"sweep {folder}: {plan.trials} trials planned, study '{job.study_name}' in {shown_url(storage)}, "
+         f"{len(placed)} at a time{on}")
     if len(placed) > 1 or devices:
         import multiprocessing
         threads = max(1, (os.cpu_count() or 1) // len(placed))

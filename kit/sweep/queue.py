@@ -3,8 +3,15 @@
 The work is queued once (every grid point, or N empty slots TPE fills when a worker takes them). A worker
 takes a trial through the study's storage: it claims a WAITING trial by `set_trial_state_values(RUNNING)`,
 which Optuna grants to the first worker only, so concurrent processes (here or on other machines sharing the
-storage) run each trial once. A RUNNING trial whose worker process died on this machine is taken again and
-resumes its run directory.
+storage) run each trial once.
+
+A worker that dies, here or on another machine: with a database (SQLite, PostgreSQL), Optuna's heartbeat marks its
+trial failed once it has been silent for the grace period (`RDBStorage(heartbeat_interval, grace_period)`), and
+`RetryHeartbeatStaleTrialCallback` queues it again; the next worker to take it resumes the first attempt's run
+directory when it can reach it (a shared folder), else starts it again. Workers wait while trials run elsewhere, so
+a survivor takes a dead worker's trial. With a journal file (no heartbeat), a RUNNING trial whose worker process
+died on this machine is taken again. A database that stops answering is waited for (with backoff, `db_wait_s`);
+then the worker stops with one line, and a later `kit sweep` continues.
 
 Optuna internals this relies on (pinned by tests/test_sweep.py::test_the_optuna_internals_the_queue_relies_on):
 - `study._storage`: the storage the study works through. For an RDBStorage Optuna wraps it in a cache that must
@@ -18,6 +25,7 @@ import fcntl
 import os
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +41,53 @@ from kit.sweep.plan import SweepPlan, overrides_of, suggest
 TRIALS_DIR = "trials"
 
 
-def make_storage(url: str):
-    """A database URL (sqlite:///..., postgresql://...) or a journal file path (many processes, NFS-safe)."""
+HEARTBEAT_S = 10  # a worker's trial records a heartbeat this often (seconds); silent for GRACE_BEATS of them, it failed
+GRACE_BEATS = 3
+MAX_RETRIES = 3  # a planned trial is run at most 1 + this many times (each failure by heartbeat queues it again)
+DB_WAIT_S = 120  # how long a worker waits for a database that stopped answering, before it stops
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as printed: its password hidden."""
+    if "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: shown as given, up to the credentials
+        return url.split("@")[-1]
+
+
+def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+    """A database URL (sqlite:///..., postgresql://...) with heartbeats and retries of failed trials, or a journal
+    file path (many processes, NFS-safe). A missing driver, a wrong URL or password: one KitError line."""
     import optuna
-    if "://" in url:
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    from optuna.storages.journal import JournalFileBackend
-    return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    import inspect
+
+    import sqlalchemy.exc
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    callback = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
+                inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: Optuna's, on purpose
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                          grace_period=GRACE_BEATS * heartbeat_s, **{callback: retry(max_retry=MAX_RETRIES)})
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as err:
+        extra = ' (pip install "kit[postgres]": psycopg)' if url.startswith("postgres") else ""
+        raise KitError(f"{shown_url(url)}: its database driver is not installed{extra}: {err}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as err:
+        raise KitError(f"{shown_url(url)}: {database_problem(err)}") from None
+
+
+def database_problem(err: Exception) -> str:
+    """The first line of what the database (or its driver) said."""
+    cause = getattr(err, "orig", None) or err
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return f"cannot use the database ({type(cause).__name__}: {text})"
 
 
 @dataclass
@@ -54,6 +101,8 @@ class Sweep:
     prune_startup: int = 4
     data_root: str | None = None
     device: str = "auto"
+    heartbeat_s: int = HEARTBEAT_S
+    db_wait_s: float = DB_WAIT_S
 
     def open_study(self, wait_s: float = 120.0):
         """Create the study and queue its trials, or load it; a loader waits for the creator's queue.
@@ -63,19 +112,24 @@ class Sweep:
         with _exclusive(self.folder / ".study.lock"):
             try:
                 return self._open_study(wait_s)
-            except sqlalchemy.exc.SQLAlchemyError:
+            except sqlalchemy.exc.IntegrityError:  # another machine created the schema or the study meanwhile
                 time.sleep(1.0)
                 return self._open_study(wait_s)
+            except sqlalchemy.exc.SQLAlchemyError as err:
+                raise KitError(f"{shown_url(self.storage_url)}: {database_problem(err)}") from None
 
     def _open_study(self, wait_s: float):
         import optuna
-        storage = make_storage(self.storage_url)
+        storage = make_storage(self.storage_url, self.heartbeat_s)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup) if self.prune else optuna.pruners.NopPruner()
         try:
             study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize", pruner=pruner)
             self._queue(study, 0)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
+            if "planned_trials" not in study.user_attrs and study.get_trials(deepcopy=False):
+                raise KitError(f"{shown_url(self.storage_url)}: study '{self.study_name}' is not a kit sweep (it has trials "
+                               f"but no plan): name another --study") from None
             deadline = time.monotonic() + wait_s
             while "planned_trials" not in study.user_attrs:
                 if time.monotonic() > deadline:
@@ -136,14 +190,20 @@ def _trial_lock(run_dir: Path) -> Iterator[bool]:
 
 
 def _take(sweep: Sweep, study, storage):
-    """The next trial for this worker: an interrupted one of this machine, else a queued one; None when done."""
+    """The next trial for this worker: an interrupted one of a dead worker of this machine and sweep folder (resumed
+    at once), else a queued one (a dead worker's trial elsewhere is failed by its silent heartbeat, which
+    `fail_stale_trials` applies, and queued again by the callback); None when none is free."""
     import optuna
+    from optuna.storages._heartbeat import fail_stale_trials, is_heartbeat_enabled
     from optuna.trial import TrialState
     study_id = storage.get_study_id_from_name(sweep.study_name)
     me = f"{socket.gethostname()}:{os.getpid()}"
+    here = str(sweep.folder.resolve())
+    if is_heartbeat_enabled(storage):
+        fail_stale_trials(study)  # trials silent past the grace period: failed, and queued again by the callback
     for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = frozen.user_attrs.get("worker", ":0").rpartition(":")
-        if host == socket.gethostname() and not _alive(int(pid)):
+        if host == socket.gethostname() and frozen.user_attrs.get("folder", here) == here and not _alive(int(pid)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
             storage.set_trial_user_attr(trial_id, "worker", me)
             return optuna.trial.Trial(study, trial_id)
@@ -155,8 +215,15 @@ def _take(sweep: Sweep, study, storage):
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         storage.set_trial_user_attr(trial_id, "worker", me)
+        storage.set_trial_user_attr(trial_id, "folder", here)
         return optuna.trial.Trial(study, trial_id)
     return None
+
+
+def planned_number(trial) -> int:
+    """The number of the planned trial this one runs: its own, or (queued again after its worker died) its first's."""
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    return history[0] if history else trial.number
 
 
 def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
@@ -166,11 +233,13 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
     from kit.training.run import resume, train
     params = suggest(trial, sweep.plan.space, sweep.plan.grid)
     overrides = list(sweep.plan.overrides) + overrides_of(params)
-    run_dir = sweep.trial_dir(trial.number)
+    planned = planned_number(trial)
+    first = Path(trial.user_attrs.get("run_dir", sweep.trial_dir(planned)))
+    run_dir = first if (first / "recipe.yaml").is_file() else sweep.trial_dir(planned)  # a retry resumes where it can
     trial.set_user_attr("overrides", " ".join(overrides_of(params)))
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
     trial.set_user_attr("device", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    say = lambda line: echo(f"[trial {trial.number}] {line}")  # noqa: E731
+    say = lambda line: echo(f"[trial {planned}] {line}")  # noqa: E731
 
     def report(run) -> None:
         if "parameters" not in trial.user_attrs:  # counted once, by the process that built the model
@@ -180,7 +249,7 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
         if row.epoch < run.recipe.train.epochs and trial.should_prune():  # pruning the last epoch saves nothing
             raise optuna.TrialPruned(f"pruned after epoch {int(row.epoch)}")
 
-    with _trial_lock(run_dir) as locked:
+    with _trial_lock(run_dir) as locked, Heartbeat(trial.storage, trial._trial_id):
         if not locked:
             raise KitError(f"{run_dir}: another worker holds this trial")
         try:
@@ -207,13 +276,94 @@ def run_trial(sweep: Sweep, study, trial, echo: Callable[[str], None]) -> str:
 
 def work(sweep: Sweep, after_trial: Callable[[Sweep, object], object], echo: Callable[[str], None] = print,
          opened: tuple | None = None) -> int:
-    """Take and run trials until none is left, calling `after_trial(sweep, study)` after each (the results table);
-    returns how many this worker ran."""
+    """Take and run trials until none is queued or running anywhere, calling `after_trial(sweep, study)` after each
+    (the results table); returns how many this worker ran. While trials run elsewhere it waits (one of them may die
+    and be queued again); a database that stops answering is waited for (`Sweep.db_wait_s`), then one KitError."""
+    from optuna.trial import TrialState
     study, storage = opened or sweep.open_study()
-    done = 0
-    while (trial := _take(sweep, study, storage)) is not None:
-        state = run_trial(sweep, study, trial, echo)
+    done, waiting = 0, False
+    while True:
+        trial = _with_database(sweep, lambda: _take(sweep, study, storage), echo)
+        if trial is None:
+            states = _with_database(sweep, lambda: [t.state for t in study.get_trials(deepcopy=False)], echo)
+            if TrialState.RUNNING not in states:
+                break
+            if not waiting:
+                echo(f"waiting: {states.count(TrialState.RUNNING)} trial(s) running on other workers")
+            waiting = True
+            time.sleep(sweep.heartbeat_s)
+            continue
+        waiting = False
+        state = _with_database(sweep, lambda: run_trial(sweep, study, trial, echo), echo)
         done += 1
-        after_trial(sweep, study)
-        echo(f"[trial {trial.number}] {state}")
+        _with_database(sweep, lambda: after_trial(sweep, study), echo)
+        echo(f"[trial {planned_number(trial)}] {state}")
+    if done == 0:
+        echo(f"nothing to do: all {sweep.plan.trials} planned trials of study '{sweep.study_name}' are done")
     return done
+
+
+def _with_database(sweep: Sweep, fn: Callable, echo: Callable[[str], None]):
+    """fn(), again once the database answers, if it stopped answering on the way (a restart); after `db_wait_s`
+    without an answer, one KitError naming the URL (the trial in progress resumes at the next kit sweep)."""
+    import optuna
+    import sqlalchemy.exc
+    down = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    while True:
+        try:
+            return fn()
+        except (*down, optuna.exceptions.StorageInternalError) as err:
+            cause = err if isinstance(err, down) else err.__cause__  # Optuna wraps a failed commit's error
+            if not isinstance(cause, down):
+                raise
+            _wait_for_database(sweep, cause, echo)
+
+
+def _wait_for_database(sweep: Sweep, err: Exception, echo: Callable[[str], None]) -> None:
+    import sqlalchemy
+    url = shown_url(sweep.storage_url)
+    echo(f"{url}: the database stopped answering ({database_problem(err)}); waiting up to {sweep.db_wait_s:g} s")
+    deadline, pause = time.monotonic() + sweep.db_wait_s, 0.5
+    engine = sqlalchemy.create_engine(sweep.storage_url, poolclass=sqlalchemy.pool.NullPool)
+    while time.monotonic() < deadline:
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, 8.0)  # backoff
+        try:
+            with engine.connect():
+                echo(f"{url}: the database answers again")
+                return
+        except sqlalchemy.exc.SQLAlchemyError:
+            continue
+    raise KitError(f"{url}: the database did not answer for {sweep.db_wait_s:g} s; start it again and run the same "
+                   f"kit sweep to continue (finished trials are kept, the trial in progress resumes)")
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every `heartbeat_interval` seconds in a thread while it trains (Optuna's own
+    HeartbeatThread stops at the first error; this one keeps beating through a database restart)."""
+
+    def __init__(self, storage, trial_id: int):
+        import threading
+
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+        self.stop, self.thread = threading.Event(), threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # the database is restarting: the next beat tries again
+                pass
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.interval is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()

@@ -10,21 +10,27 @@ from kit.inference.ensemble import COMPLETED_RUNS
 from kit.io import write_text
 from kit.sweep.queue import Sweep
 
-RESULT_COLUMNS = ["trial", "state", "overrides", "parameters", "epochs", "best_val_acc", "seconds", "device", "run_dir"]
+RESULT_COLUMNS = ["trial", "state", "overrides", "parameters", "epochs", "best_val_acc", "seconds", "device", "run_dir",
+                  "attempts"]
 
 
 def results_table(sweep: Sweep, study) -> pd.DataFrame:
-    """One row per trial: overrides, parameters, epochs run, best validation accuracy, training seconds, state."""
+    """One row per planned trial (a trial queued again after its worker died counts once, as its last attempt, under
+    its first number): overrides, parameters, epochs run, best validation accuracy, training seconds, state."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    for t in (t for t in trials if t.number not in retried):
+        history = t.system_attrs.get("retry_history", [])
         run_dir = Path(t.user_attrs.get("run_dir", sweep.trial_dir(t.number)))
         metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
         best = float(better_weights(metrics.val_acc, metrics.ema_val_acc)[0].max()) if len(metrics) else float("nan")
-        rows.append({"trial": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", ""),
+        rows.append({"trial": history[0] if history else t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", ""),
                      "parameters": t.user_attrs.get("parameters"), "epochs": len(metrics), "best_val_acc": best,
                      "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0,
-                     "device": t.user_attrs.get("device", ""), "run_dir": str(run_dir)})
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"parameters": "Int64"})
+                     "device": t.user_attrs.get("device", ""), "run_dir": str(run_dir), "attempts": len(history) + 1})
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"parameters": "Int64"})
+    return table.sort_values("trial", kind="stable").reset_index(drop=True)
 
 
 def write_results(sweep: Sweep, study) -> pd.DataFrame:
