@@ -13,7 +13,7 @@ from kit.io import write_text
 from kit.typed import build, describe_range, fraction, in_range, non_negative, positive, safe_yaml, to_plain
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/ (editable install)
-KIT_VERSION = "0.6.0"  # kit.__version__, written into every checkpoint (pyproject.toml's version)
+KIT_VERSION = "0.7.0"  # kit.__version__, written into every checkpoint (pyproject.toml's version)
 DEFAULT_MAX_PARAMS = 5_000_000  # the competition's limit: "best ResNet under 5 million parameters"
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "lamb", "lars",
               "lookahead_momentum", "lookahead_sgd", "lookahead_adamw")  # timm's names; lookahead_* wraps the base

@@ -39,6 +39,7 @@ from kit.recipe import load_recipe
 from kit.sweep.plan import SweepPlan, overrides_of, suggest
 
 TRIALS_DIR = "trials"
+KIT_STUDY = "kit_sweep"  # the study's user attribute that says kit made it (set before any trial is queued)
 
 
 HEARTBEAT_S = 10  # a worker's trial records a heartbeat this often (seconds); silent for GRACE_BEATS of them, it failed
@@ -74,8 +75,15 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: Optuna's, on purpose
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                          grace_period=GRACE_BEATS * heartbeat_s, **{callback: retry(max_retry=MAX_RETRIES)})
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                                  grace_period=GRACE_BEATS * heartbeat_s,
+                                                  **{callback: retry(max_retry=MAX_RETRIES)})
+            except sqlalchemy.exc.IntegrityError:  # workers on several machines created the new schema at once
+                if attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as err:
         extra = ' (pip install "kit[postgres]": psycopg)' if url.startswith("postgres") else ""
         raise KitError(f"{shown_url(url)}: its database driver is not installed{extra}: {err}") from None
@@ -124,12 +132,14 @@ class Sweep:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup) if self.prune else optuna.pruners.NopPruner()
         try:
             study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize", pruner=pruner)
+            study.set_user_attr(KIT_STUDY, True)  # before any trial: a study with trials but without it is not kit's
             self._queue(study, 0)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
-            if "planned_trials" not in study.user_attrs and study.get_trials(deepcopy=False):
+            attrs = study.user_attrs  # a kit study: marked before its first trial (planned_trials: kit before 0.7)
+            if KIT_STUDY not in attrs and "planned_trials" not in attrs and study.get_trials(deepcopy=False):
                 raise KitError(f"{shown_url(self.storage_url)}: study '{self.study_name}' is not a kit sweep (it has trials "
-                               f"but no plan): name another --study") from None
+                               f"kit did not plan): name another --study") from None
             deadline = time.monotonic() + wait_s
             while "planned_trials" not in study.user_attrs:
                 if time.monotonic() > deadline:
