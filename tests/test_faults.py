@@ -262,4 +262,5 @@ def test_a_named_run_killed_is_continued_by_the_same_command(demo_data, tmp_path
     whole = subprocess.run([*command, "--run-name", "whole"], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     columns = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc"]
-    assert pd.read_csv(tmp_path / "named" / "metrics.csv")[columns].equals(pd.read_csv(tmp_path / "whole" / "metrics.csv")[columns])
+    named, whole = (pd.read_csv(tmp_path / name / "metrics.csv")[columns] for name in ("named", "whole"))
+    assert named.equals(whole)

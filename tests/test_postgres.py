@@ -92,8 +92,8 @@ def postgres():
 
 
 def _sweep(url: str, folder: Path, data: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "kit.cli", "sweep", str(RECIPES_DIR / "demo.yaml"), "--grid", "optim.lr=0.002,0.003,0.004,0.005",
-            "--set", "train.epochs=4", *TINY, "--name", "team", "--sweeps", str(folder), "--storage", url, "--data-root",
+    return [sys.executable, "-m", "kit.cli", "sweep", str(RECIPES_DIR / "demo.yaml"), "--grid",
+            "optim.lr=0.002,0.003,0.004,0.005", "--set", "train.epochs=4", *TINY, "--name", "team", "--sweeps", str(folder), "--storage", url, "--data-root",
             str(data), "--device", "cpu", *extra]
 
 
@@ -109,13 +109,12 @@ def test_a_worker_killed_on_another_machine_has_its_trial_run_again(postgres, de
     """Two workers on 'two machines'; one is SIGKILLed mid-trial: its heartbeat stops, the trial is failed after the
     grace period and queued again, the survivor resumes it from its checkpoint, and results.csv has every planned
     trial once. A worker that starts after the plan is complete does nothing and says so."""
-    url = postgres.create("killed")
+    url = postgres.create("killed")  # both start at once on the new database: its schema and study made by one of them
     a = subprocess.Popen(_sweep(url, tmp_path / "a", demo_data), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
-    _wait_for(lambda: any((tmp_path / "a").glob("team/trials/*/last.pt")))
     b = subprocess.Popen(_sweep(url, tmp_path / "b", demo_data), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
-    time.sleep(1.0)
+    _wait_for(lambda: any((tmp_path / "a").glob("team/trials/*/last.pt")))
     os.killpg(a.pid, signal.SIGKILL)
     a.wait()
     out, _ = b.communicate(timeout=300)

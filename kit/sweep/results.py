@@ -25,7 +25,8 @@ def results_table(sweep: Sweep, study) -> pd.DataFrame:
         run_dir = Path(t.user_attrs.get("run_dir", sweep.trial_dir(t.number)))
         metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
         best = float(better_weights(metrics.val_acc, metrics.ema_val_acc)[0].max()) if len(metrics) else float("nan")
-        rows.append({"trial": history[0] if history else t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", ""),
+        rows.append({"trial": history[0] if history else t.number, "state": t.state.name,
+                     "overrides": t.user_attrs.get("overrides", ""),
                      "parameters": t.user_attrs.get("parameters"), "epochs": len(metrics), "best_val_acc": best,
                      "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0,
                      "device": t.user_attrs.get("device", ""), "run_dir": str(run_dir), "attempts": len(history) + 1})
