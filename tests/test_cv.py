@@ -62,9 +62,13 @@ def test_a_cv_directory_holds_every_fold_its_oof_table_and_plot(cv_dir, demo_dat
     assert (cv_dir / "cv.png").is_file()
 
 
+UNLABELLED = {"folder": "test", "csv": "test", "pixels": "test.csv", "npz": "unlabelled.npz"}
+
+
 @pytest.mark.parametrize("fmt", ["folder", "csv", "pixels", "npz"])
 def test_oof_ids_cover_the_training_set_once_in_every_format(fmt, tmp_path, run):
-    """The data's own ids (a folder's <class>/<stem>, a CSV's id column, ...) key the out-of-fold file, each once."""
+    """The data's own ids (a folder's <class>/<stem>, a CSV's id column, ...) key the out-of-fold file, each once; the
+    CV predicts the format's unlabelled set, and pseudo-labels read those images back from it."""
     from kit.data.demo import make_demo_format
     data = make_demo_format(tmp_path / "data", fmt)
     cv = cv_train(run, None, tmp_path / "runs", recipe=data / "recipe.yaml")
@@ -73,6 +77,11 @@ def test_oof_ids_cover_the_training_set_once_in_every_format(fmt, tmp_path, run)
     oof = read_probs(cv / "oof.probs.npz", labelled=True)
     assert sorted(map(str, oof.ids)) == sorted(map(str, train.ids)) and len(set(map(str, oof.ids))) == len(train)
     assert sorted(np.bincount(oof.folds).tolist()) == sorted(np.bincount(folds_of(train, 3, 0, "x")).tolist())
+    code, out = run("predict", cv, "--test", data / UNLABELLED[fmt], "--out", tmp_path / "s.csv", "--device", "cpu")
+    assert code == 0, out
+    code, out = run("train", data / "recipe.yaml", *SETS, "--set", "train.epochs=1", "--pseudo", tmp_path / "s.probs.npz",
+                    "--pseudo-threshold", 0, "--runs", tmp_path / "pseudo", "--device", "cpu")
+    assert code == 0 and "pseudo-labels: 300 test images" in out, out
 
 
 def test_the_fold_ensemble_is_what_predict_evaluate_report_and_export_use(cv_dir, demo_data, tmp_path, run):
