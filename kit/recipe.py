@@ -37,6 +37,10 @@ HELD_OUT = ("val", "test")  # what is scored: the recipe's validation images, or
 LABEL_STYLES = ("index", "name", "probs")  # a submission's labels (kit.inference.submission, --labels)
 REPORT_MISTAKES = 24  # kit report --mistakes: the worst mistakes (and most-disagreed test images) shown
 LR_FIND_RULES = ("minimum", "steep")  # kit lr-find --rule: the LR of the lowest smoothed loss / 10, or the steepest fall
+SWEEP_HEARTBEAT_S = 10  # kit sweep --heartbeat: a trial's heartbeat in a database (seconds); 3 missed: its worker is dead
+SWEEP_GRACE_BEATS = 3
+SWEEP_MAX_RETRIES = 3  # a planned trial runs at most 1 + this many times (each failure by heartbeat queues it again)
+SWEEP_DB_WAIT_S = 120  # kit sweep --db-wait: how long a worker waits for a database that stopped answering
 LR_FIND_UPDATES = 800  # kit lr-find --updates: ~100 a decade from 1e-7 to 10 (README: why not fastai's 100)
 VALIDATION = ("test", "split", "fold", "none")  # the labelled test set, a stratified split of the training set, one
 # of k stratified folds (kit train --folds: the other folds train), or no validation
@@ -389,6 +393,8 @@ ARGUMENTS = {
     "diverge": Argument("--diverge", kind=float, limits={"gt": 1}),
     "folds": Argument("--folds", kind=int, limits={"min": 2}),
     "stacker": Argument("--stacker", STACKERS),
+    "heartbeat": Argument("--heartbeat", kind=int, limits={"min": 1}),
+    "db_wait": Argument("--db-wait", kind=float, limits={"min": 0}),
 }
 
 

@@ -58,6 +58,10 @@ def test_allowed_values_pass(name, value):
     (("blend", "--labelled", "a", "--unlabelled", "b", "--out", "c", "--rounds", "0"), "--rounds 0: out of range"),
     (("predict", "RUN", "--test", "t", "--batch-size", "-1"), "--batch-size -1: out of range"),
     (("lr-find", "r.yaml", "--start-lr", "inf"), "--start-lr inf: out of range"),
+    (("sweep", "r.yaml", "--grid", "optim.lr=0.1", "--db-wait", "nan"), "--db-wait nan: out of range"),
+    (("sweep", "r.yaml", "--grid", "optim.lr=0.1", "--db-wait", "inf"), "--db-wait inf: out of range"),
+    (("sweep", "r.yaml", "--grid", "optim.lr=0.1", "--heartbeat", "0"), "--heartbeat 0: out of range"),
+    (("train", "r.yaml", "--folds", "1"), "--folds 1: out of range"),
     (("predict", "RUN", "--test", "t", "--batch-size", "x"), "--batch-size 'x': expected a whole number"),
 ])
 def test_the_command_line_refuses_the_same_values_in_one_line(args, fragment, run, assert_one_line_error):

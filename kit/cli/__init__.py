@@ -28,7 +28,16 @@ from kit.cli.options import (
     with_options,
 )
 from kit.errors import KitError
-from kit.recipe import DATA_FORMATS, LR_FIND_UPDATES, RECIPES_DIR, REPORT_MISTAKES
+from kit.recipe import (
+    DATA_FORMATS,
+    LR_FIND_UPDATES,
+    RECIPES_DIR,
+    REPORT_MISTAKES,
+    SWEEP_DB_WAIT_S,
+    SWEEP_GRACE_BEATS,
+    SWEEP_HEARTBEAT_S,
+    SWEEP_MAX_RETRIES,
+)
 
 
 @click.group(cls=KitGroup)
@@ -230,10 +239,10 @@ def distill_cmd(recipe, teachers, overrides, data_root, out_root, device):
 @click.option("--no-prune", is_flag=True, help="Train every trial to the end.")
 @click.option("--prune-startup", default=4, show_default=True, help="Trials that finish before the median pruner acts.")
 @click.option("--data-root", metavar="DIR")
-@click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Seconds between a trial's heartbeats in a database; a worker silent for 3 of them is dead, and its "
-                   "trial is queued again (at most 3 times).")
-@click.option("--db-wait", type=click.FloatRange(min=0), default=120, show_default=True,
+@click.option("--heartbeat", type=argument_type("heartbeat"), default=SWEEP_HEARTBEAT_S, show_default=True,
+              help=f"Seconds between a trial's heartbeats in a database; a worker silent for {SWEEP_GRACE_BEATS} of them "
+                   f"is dead, and its trial is queued again (at most {SWEEP_MAX_RETRIES} times).")
+@click.option("--db-wait", type=argument_type("db_wait"), default=SWEEP_DB_WAIT_S, show_default=True,
               help="Seconds a worker waits for a database that stopped answering before it stops.")
 @devices_option
 @device_option

@@ -18,8 +18,9 @@ import yaml
 
 from kit.device import worker_devices
 from kit.io import write_text
+from kit.recipe import SWEEP_DB_WAIT_S, SWEEP_HEARTBEAT_S
 from kit.sweep.plan import check_same_plan, make_plan, parse_grid, read_space
-from kit.sweep.queue import DB_WAIT_S, HEARTBEAT_S, Sweep, shown_url, work
+from kit.sweep.queue import Sweep, shown_url, work
 from kit.sweep.results import write_results
 
 __all__ = ["parse_grid", "read_space", "sweep"]
@@ -28,8 +29,8 @@ __all__ = ["parse_grid", "read_space", "sweep"]
 def sweep(recipe_path: str, *, overrides: tuple[str, ...] = (), grid: tuple[str, ...] = (), space: str | None = None,
           trials: int | None = None, name: str | None = None, out_root: str = "sweeps", study_name: str | None = None,
           storage: str | None = None, jobs: int = 1, prune: bool = True, prune_startup: int = 4,
-          data_root: str | None = None, device: str = "auto", devices: tuple[str, ...] = (), heartbeat_s: int = HEARTBEAT_S,
-          db_wait_s: float = DB_WAIT_S, echo: Callable[[str], None] = print) -> pd.DataFrame:
+          data_root: str | None = None, device: str = "auto", devices: tuple[str, ...] = (),
+          heartbeat_s: int = SWEEP_HEARTBEAT_S, db_wait_s: float = SWEEP_DB_WAIT_S, echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Run (or continue) a sweep; returns its results table. `devices` (GPU indices): `jobs` workers on each,
     every worker pinned to its GPU."""
     plan = make_plan(recipe_path, overrides, grid, space, trials)

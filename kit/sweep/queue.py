@@ -35,17 +35,13 @@ import pandas as pd
 
 from kit.errors import KitError
 from kit.inference.checkpoint import better_weights
-from kit.recipe import load_recipe
+from kit.recipe import SWEEP_DB_WAIT_S, SWEEP_GRACE_BEATS, SWEEP_HEARTBEAT_S, SWEEP_MAX_RETRIES, load_recipe
 from kit.sweep.plan import SweepPlan, overrides_of, suggest
 
 TRIALS_DIR = "trials"
 KIT_STUDY = "kit_sweep"  # the study's user attribute that says kit made it (set before any trial is queued)
 
 
-HEARTBEAT_S = 10  # a worker's trial records a heartbeat this often (seconds); silent for GRACE_BEATS of them, it failed
-GRACE_BEATS = 3
-MAX_RETRIES = 3  # a planned trial is run at most 1 + this many times (each failure by heartbeat queues it again)
-DB_WAIT_S = 120  # how long a worker waits for a database that stopped answering, before it stops
 
 
 def shown_url(url: str) -> str:
@@ -59,7 +55,7 @@ def shown_url(url: str) -> str:
         return url.split("@")[-1]
 
 
-def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+def make_storage(url: str, heartbeat_s: int = SWEEP_HEARTBEAT_S):
     """A database URL (sqlite:///..., postgresql://...) with heartbeats and retries of failed trials, or a journal
     file path (many processes, NFS-safe). A missing driver, a wrong URL or password: one KitError line."""
     import optuna
@@ -78,8 +74,8 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
         for attempt in range(3):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                                  grace_period=GRACE_BEATS * heartbeat_s,
-                                                  **{callback: retry(max_retry=MAX_RETRIES)})
+                                                  grace_period=SWEEP_GRACE_BEATS * heartbeat_s,
+                                                  **{callback: retry(max_retry=SWEEP_MAX_RETRIES)})
             except sqlalchemy.exc.IntegrityError:  # workers on several machines created the new schema at once
                 if attempt == 2:
                     raise
@@ -109,8 +105,8 @@ class Sweep:
     prune_startup: int = 4
     data_root: str | None = None
     device: str = "auto"
-    heartbeat_s: int = HEARTBEAT_S
-    db_wait_s: float = DB_WAIT_S
+    heartbeat_s: int = SWEEP_HEARTBEAT_S
+    db_wait_s: float = SWEEP_DB_WAIT_S
 
     def open_study(self, wait_s: float = 120.0):
         """Create the study and queue its trials, or load it; a loader waits for the creator's queue.
