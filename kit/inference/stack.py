@@ -12,6 +12,7 @@ import torch
 
 from kit.errors import KitError
 from kit.inference.ensemble import ensemble_probs
+from kit.inference.scores import probs_loss_acc
 
 INNER_FOLDS = 5  # the inner cross-validation that scores the stacker and the blend (fewer when a class is smaller)
 SMALLEST_PROB = 1e-6  # probabilities are clipped here before their log (a member certain of a wrong class)
@@ -52,7 +53,8 @@ def compare(scored: torch.Tensor, labels: torch.Tensor, choose_weights: Callable
     averaged = scored.mean(0)
     rows = [(f"stacked (logistic regression, {folds.n_splits}-fold inner CV)", torch.from_numpy(stacked).float()),
             (f"blended (greedy, {folds.n_splits}-fold inner CV)", blended), ("averaged", averaged)]
-    return pd.DataFrame([{"ensemble": name, "top1": _top1(p, labels), "log_loss": _log_loss(p, labels)} for name, p in rows])
+    figures = [probs_loss_acc(p, labels) for _, p in rows]
+    return pd.DataFrame([{"ensemble": name, "top1": acc, "log_loss": loss} for (name, _), (loss, acc) in zip(rows, figures)])
 
 
 def fit_and_predict(scored: torch.Tensor, labels: torch.Tensor, test: torch.Tensor) -> np.ndarray:
@@ -63,10 +65,3 @@ def fit_and_predict(scored: torch.Tensor, labels: torch.Tensor, test: torch.Tens
     probs[:, model.classes_] = model.predict_proba(stack_features(test))
     return probs / probs.sum(1, keepdims=True)
 
-
-def _top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return (probs.argmax(1) == labels).float().mean().item()
-
-
-def _log_loss(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())

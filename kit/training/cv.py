@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kit.data.datasets import load_dataset, load_held_out
+from kit.data.datasets import Labelled, load_dataset
 from kit.errors import KitError
 from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS
 from kit.inference.ensemble import load_ensemble
 from kit.inference.probs import probs_arrays, read_probs, write_probs
-from kit.inference.scores import topk
+from kit.inference.scores import probs_loss_acc, topk
 from kit.io import write_text
 from kit.recipe import Recipe, check_argument, load_recipe, recipe_as_dict, recipe_from_dict, save_recipe
 from kit.training.distill import resolve_teachers
@@ -127,16 +127,17 @@ def gather(cv_dir: Path, data_root: str | Path | None = None, device: str = "aut
     val = [read_probs(run / VAL_PROBS, labelled=True) for run in runs]
     metrics = [pd.read_csv(run / "metrics.csv") for run in runs]
     rows = [_fold_row(fold, f, m) for fold, (f, m) in enumerate(zip(val, metrics))]
-    oof = _out_of_fold(cv_dir, recipe, data_root, val)
-    test = _test_scores(runs, recipe, data_root, device)
+    has_test = recipe.data.format == "cifar" or bool(recipe.data.test)
+    data = load_dataset(dataclasses.replace(recipe.data, validation="none"), data_root, "test" if has_test else "val")
+    oof = _out_of_fold(cv_dir, recipe, data.train, val)
+    test = _test_scores(runs, data.held_out, device) if has_test else None
     for row, acc in zip(rows, test[0] if test else ()):
         row["test_acc"] = acc
     table = pd.DataFrame(rows, columns=CV_COLUMNS)
     scores = ["val_acc", "val_loss", "test_acc"]
     summary = [{"fold": "mean", **table[scores].mean().to_dict()}, {"fold": "std", **table[scores].std(ddof=1).to_dict()}]
-    pooled = {"fold": "out-of-fold", "images": len(oof["ids"]), "val_acc": topk(torch.from_numpy(oof["probs"]),
-                                                                                 torch.from_numpy(oof["labels"]), 1),
-              "val_loss": _nll(oof["probs"], oof["labels"])}
+    loss, acc = probs_loss_acc(torch.from_numpy(oof["probs"]), torch.from_numpy(oof["labels"]))
+    pooled = {"fold": "out-of-fold", "images": len(oof["ids"]), "val_acc": acc, "val_loss": loss}
     ensemble = [{"fold": f"ensemble of {folds}", "test_acc": test[1]}] if test else []
     table = pd.concat([table, pd.DataFrame(summary + [pooled] + ensemble)], ignore_index=True)[CV_COLUMNS]
     table = table.astype({"images": "Int64", "best_epoch": "Int64"})
@@ -153,16 +154,14 @@ def _fold_row(fold: int, val, metrics: pd.DataFrame) -> dict:
     from kit.inference.checkpoint import better_weights
     scores, sources = better_weights(metrics.val_acc, metrics.ema_val_acc)
     best = int(np.nanargmax(scores.to_numpy()))
-    probs, labels = val.member_probs[0], val.labels
-    return {"fold": str(fold), "images": len(labels), "best_epoch": int(metrics.epoch[best]), "weights_from": sources[best],
-            "val_acc": topk(probs, labels, 1), "val_loss": _nll(probs.numpy(), labels.numpy()), "test_acc": math.nan}
+    loss, acc = probs_loss_acc(val.member_probs[0], val.labels)
+    return {"fold": str(fold), "images": len(val.labels), "best_epoch": int(metrics.epoch[best]),
+            "weights_from": sources[best], "val_acc": acc, "val_loss": loss, "test_acc": math.nan}
 
 
-def _out_of_fold(cv_dir: Path, recipe: Recipe, data_root, val: list) -> dict:
-    """Every training image's probabilities from the fold model that held it out, in the training set's order: each id
-    of the training set exactly once (checked), with its label and fold."""
-    everything = dataclasses.replace(recipe.data, validation="none")
-    train = load_dataset(everything, data_root).train
+def _out_of_fold(cv_dir: Path, recipe: Recipe, train: Labelled, val: list) -> dict:
+    """Every image of `train` (the whole training set) with its probabilities from the fold model that held it out,
+    in the training set's order: each id exactly once (checked), with its label and fold."""
     position = {str(i): n for n, i in enumerate(train.ids)}
     k = val[0].member_probs.shape[2]
     probs, labels, folds = np.full((len(train), k), np.nan, np.float32), np.full(len(train), -1), np.full(len(train), -1)
@@ -176,24 +175,16 @@ def _out_of_fold(cv_dir: Path, recipe: Recipe, data_root, val: list) -> dict:
     if (folds < 0).any():
         raise KitError(f"{cv_dir}: no fold held out the training image {train.ids[np.argmax(folds < 0)]} "
                        f"({int((folds < 0).sum())} images have no out-of-fold prediction)")
-    classes = read_probs(val[0].path, labelled=True).classes or [str(c) for c in range(k)]
+    classes = val[0].classes or [str(c) for c in range(k)]
     return probs_arrays(train.ids, probs, classes, [str(cv_dir)], probs[None], labels,
                         source=f"{cv_dir}'s out-of-fold predictions", extra={"folds": folds})
 
 
-def _test_scores(runs: list[Path], recipe: Recipe, data_root, device: str) -> tuple[list[float], float] | None:
-    """Each fold model's accuracy on the labelled test set (the better weights, no TTA) and their ensemble's; None
-    when the recipe has no labelled test set."""
-    if recipe.data.format != "cifar" and not recipe.data.test:
-        return None
-    test = load_held_out(recipe.data, data_root, "test", str(runs[0]))
+def _test_scores(runs: list[Path], test: Labelled, device: str) -> tuple[list[float], float]:
+    """Each fold model's accuracy on the labelled test set (the better weights, no TTA) and their ensemble's."""
     ensemble = load_ensemble([str(r) for r in runs], "better", device, tta="none")
     per_fold = ensemble.probs(test.images)
     return [topk(p, test.labels, 1) for p in per_fold], topk(torch.stack(per_fold).mean(0), test.labels, 1)
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 def _percent(value) -> str:
