@@ -121,7 +121,7 @@ def _recognized(recipe: Recipe, data_root, echo: Callable[[str], None]) -> Recip
     spec, found = recognized(recipe.data, data_root)
     if found is None:
         return recipe
-    echo(f"data: {found.what[0]}; recipe keys from the folder: {' '.join(found.overrides())}")
+    echo(found.describe())
     return load_recipe_from(dataclasses.replace(recipe, data=spec), ())
 
 

@@ -135,7 +135,7 @@ def recognized_overrides(recipe: str, overrides: tuple[str, ...], data_root: str
     _, found = recognized(load_recipe(recipe, overrides).data, data_root)
     if found is None:
         return ()
-    click.echo(f"data: {found.what[0]}; recipe keys from the folder: {' '.join(found.overrides())}")
+    click.echo(found.describe())
     return tuple(found.overrides())
 
 

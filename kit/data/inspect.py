@@ -7,8 +7,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kit.data.datasets import CIFAR10_DIR, CIFAR100_DIR
 from kit.data.formats import IMAGE_EXTENSIONS, list_images, read_arrays, read_csv
 from kit.errors import KitError
@@ -29,6 +27,10 @@ class Found:
     def overrides(self) -> list[str]:
         return [f"data.{k}={v}" for k, v in self.keys.items()]
 
+    def describe(self) -> str:
+        """The line kit train prints when it takes the folder's keys."""
+        return f"data: {self.what[0]}; recipe keys from the folder: {' '.join(self.overrides())}"
+
 
 def inspect(root: str | Path) -> Found:
     """What the folder `root` holds, as recipe data keys (one KitError line when it is none or several layouts)."""
@@ -40,7 +42,9 @@ def inspect(root: str | Path) -> Found:
             return Found({"format": "cifar", "dataset": dataset, "validation": "test"},
                          [f"{root}: the {dataset} python pickles ({folder}/): 32x32 RGB, the labelled test set is its "
                           f"test batch"])
-    found = [f for f in (_class_folders(root), _labels_csv(root), _pixels_csv(root), _npz(root)) if f is not None]
+    tables = {csv: read_csv(csv) for csv in sorted(root.glob("*.csv")) if csv.is_file()}  # each CSV read once
+    layouts = (_class_folders(root), _labels_csv(root, tables), _pixels_csv(root, tables), _npz(root))
+    found = [f for f in layouts if f is not None]
     if not found:
         raise KitError(f"{root}: no layout kit reads (class folders, a labels CSV beside an image folder, a pixels CSV "
                        f"with a label column, an .npz with images and labels, or the CIFAR pickles)")
@@ -55,7 +59,7 @@ def _image_shape(path: Path) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as image:
         width, height = image.size
-        channels = 1 if image.mode in ("L", "1", "P") and image.mode != "P" or image.mode.startswith("I;16") else 3
+        channels = 1 if image.mode in ("L", "1") or image.mode.startswith("I;16") else 3
     if width != height:
         raise KitError(f"{path}: {width}x{height} pixels: kit trains on square images of one size (resize them first)")
     return width, channels
@@ -86,26 +90,22 @@ def _class_folders(root: Path) -> Found | None:
     return Found({k: v for k, v in keys.items() if v is not None}, what)
 
 
-def _csvs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
-
-
 def _label_column(columns: list[str]) -> str | None:
     return next((c for c in columns if c.strip().lower() in LABEL_NAMES), None)
 
 
-def _labels_csv(root: Path) -> Found | None:
+def _labels_csv(root: Path, tables: dict) -> Found | None:
     """A CSV of (id, label) whose ids are the images of a folder beside it named train*."""
-    for csv in _csvs(root):
-        header = read_csv(csv).columns.tolist() if csv.stat().st_size < 50_000_000 else []
+    for csv, table in tables.items():
+        header = table.columns.tolist()
         label = _label_column(header)
         if len(header) != 2 or label is None:
             continue
+        ids = {str(i) for i in table[header[0]]}
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("train")):
-            images = {Path(name).stem for name in list_images(folder)}
-            ids = {str(i) for i in read_csv(csv)[header[0]]}
-            if images and ids == images:  # every id an image and every image an id, as format csv reads them
-                size, channels = _image_shape(next(iter(list_images(folder).values())))
+            files = list_images(folder)
+            if files and ids == {Path(name).stem for name in files}:  # every id an image and every image an id
+                size, channels = _image_shape(next(iter(files.values())))
                 keys = {"format": "csv", "train": csv.name, "train_images": folder.name, "id_column": header[0],
                         "label_column": label, "image_size": size, "channels": channels, "validation": "split"}
                 what = [f"{root}: a labels CSV ({csv.name}: {len(ids):,} rows, columns {header[0]}, {label}) beside its "
@@ -117,10 +117,9 @@ def _labels_csv(root: Path) -> Found | None:
     return None
 
 
-def _pixels_csv(root: Path) -> Found | None:
+def _pixels_csv(root: Path, tables: dict) -> Found | None:
     """A CSV with a label column and S*S (gray) or S*S*3 (RGB) pixel columns."""
-    for csv in _csvs(root):
-        table = read_csv(csv)
+    for csv, table in tables.items():
         label = _label_column(table.columns.tolist())
         if label is None or len(table.columns) < 10:
             continue
@@ -133,9 +132,8 @@ def _pixels_csv(root: Path) -> Found | None:
                 "validation": "split"}
         what = [f"{root}: a pixels CSV ({csv.name}: {len(table):,} images, {size}x{size} {'gray' if channels == 1 else 'RGB'}, "
                 f"labels in {label})", "no labelled test set: validation is a stratified split"]
-        unlabelled = [other for other in _csvs(root) if other != csv]
-        what += [f"unlabelled test set: {other.name}" for other in unlabelled
-                 if _label_column(read_csv(other).columns.tolist()) is None and len(read_csv(other).columns) >= 10]
+        what += [f"unlabelled test set: {other.name}" for other, other_table in tables.items()
+                 if other != csv and _label_column(other_table.columns.tolist()) is None and len(other_table.columns) >= 10]
         return Found(keys, what)
     return None
 
@@ -169,7 +167,7 @@ def _npz(root: Path) -> Found | None:
                 f"labelled test set: {path.name} (test_images)" if labelled else
                 "no labelled test set: validation is a stratified split"]
         what += [f"unlabelled test set: {p.name}" for p in sorted(root.glob("*.npz"))
-                 if p != path and "labels" not in np.load(p, allow_pickle=False).files]
+                 if p != path and "labels" not in read_arrays(p, set()).names]
         return Found(keys, what)
     return None
 
