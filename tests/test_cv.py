@@ -212,6 +212,12 @@ def test_pseudo_labels_join_the_training_images_only_hard_or_soft(trained_run, d
             assert torch.equal(added.train.soft[:len(dataset.train)].argmax(1), dataset.train.labels)
         else:
             assert added.train.soft is None
+    own = dict(np.load(tmp_path / "s.probs.npz"))  # a file whose own probs are not its members' mean (a stacker's)
+    own["probs"] = np.eye(10, dtype=np.float32)[(own["probs"].argmax(1) + 1) % 10]
+    np.savez(tmp_path / "stacked.npz", **own)
+    recipe = dataclasses.replace(base, pseudo=dataclasses.replace(base.pseudo, probs=str(tmp_path / "stacked.npz")))
+    added, _ = add_pseudo_labels(dataset, recipe)
+    assert torch.equal(added.train.labels[len(dataset.train):], torch.from_numpy(own["probs"].argmax(1)))  # the file's
     code, out = run("train", RECIPES_DIR / "demo.yaml", "--data-root", demo_data, *SETS, "--pseudo", tmp_path / "s.probs.npz",
                     "--pseudo-soft", "--pseudo-threshold", 0.2, "--runs", tmp_path / "runs", "--device", "cpu")
     assert code == 0 and f"pseudo-labels: {int(confident.sum())} test images" in out, out

@@ -90,11 +90,14 @@ class ProbFile:
     blend: np.ndarray | None = None  # (M,) the members' weights in the file's `probs` (None: equal)
     mixed: torch.Tensor | None = None  # (N, K) the file's own `probs` beside its members' (a blend, a stacker's)
 
+    def whole(self) -> torch.Tensor:
+        """(N, K) the file's own `probs` (a blend's, a stacker's, a CV's fold ensemble), else its members blended."""
+        return self.mixed if self.mixed is not None else self.blended()
+
     def as_one(self) -> "ProbFile":
         """The file as one member: its own (N, K) `probs` (a CV directory's fold ensemble, a blend), else its
         members blended."""
-        probs = self.mixed if self.mixed is not None else self.blended()
-        return dataclasses.replace(self, member_probs=probs[None], members=[self.path.name.removesuffix(".probs.npz")],
+        return dataclasses.replace(self, member_probs=self.whole()[None], members=[self.path.name.removesuffix(".probs.npz")],
                                    blend=None, member_folds=None, member_splits=None)
 
     def blended(self, members: list[int] | None = None) -> torch.Tensor:

@@ -51,7 +51,9 @@ def add_pseudo_labels(dataset: Dataset, recipe: Recipe) -> tuple[Dataset, pd.Dat
         raise KitError(f"{spec.probs}: does not name the test file its probabilities are of (no 'test' array): set "
                        f"pseudo.test to it")
     test = read_test_set(test_path, recipe.data)
-    mixed = probs.blended(fold_members(probs, recipe, dataset.split))[:, probs.columns_in(dataset.classes)]  # (N, K)
+    members = fold_members(probs, recipe, dataset.split)  # under folds: this fold's own models, blended
+    chosen = probs.blended(members) if recipe.data.validation == "fold" else probs.whole()  # else the file's own probs
+    mixed = chosen[:, probs.columns_in(dataset.classes)]  # (N, K)
     position = {id_key(i): n for n, i in enumerate(test.ids)}
     rows = np.array([position.get(id_key(i), -1) for i in probs.ids])
     if (rows < 0).any():
