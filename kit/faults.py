@@ -8,8 +8,7 @@ saving only sets the flag again.
 `fault_point(name)` is the fault-injection hook of tests/test_faults.py: when the environment variable
 KIT_FAULT names this moment (`update:12`, `write:last.pt`, `saved:best.pt@2`, ...), the process kills itself with
 SIGKILL there (or raises SIGTERM/SIGINT for `sigterm:`/`sigint:` moments), exactly as an outside kill at that
-moment would; under torchrun, in the group's first attempt only (a restarted group runs on). Unset, it costs one
-environment lookup."""
+moment would. Unset, it costs one environment lookup."""
 
 import os
 import signal
@@ -65,7 +64,7 @@ def fault_point(name: str) -> None:
     KIT_FAULT is a comma-separated list of `[sigterm:|sigint:]NAME[@K]`: SIGKILL (or the signal) at the K-th time
     (default the first) the run passes NAME."""
     wanted = os.environ.get(FAULT_ENV)
-    if not wanted or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # a torchrun group's first attempt only
+    if not wanted:
         return
     if wanted != _spec[0]:  # a new fault plan counts from zero
         _spec[0] = wanted

@@ -79,8 +79,8 @@ def params_cmd(recipe, overrides):
               help="Continue this run from its last.pt (a CV directory: its fold in progress, then the rest).")
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
-@click.option("--run-name", metavar="NAME", help="A fixed run directory, RUNS/NAME, continued from its last.pt when it has "
-                                                 "one: what torchrun --max-restarts restarts (every node runs the same command).")
+@click.option("--run-name", metavar="NAME", help="A fixed run directory, RUNS/NAME, that the same command continues from "
+                                                 "its last.pt when it has one.")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
@@ -108,6 +108,7 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, run_name, log,
     overrides = (*overrides, *((f"train.log={log}",) if log else ()), *pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft))
     if recipe and data_root:
         overrides = (*overrides, *recognized_overrides(recipe, overrides, data_root))
+    from kit.training.cv import is_cv_dir
     if folds or (resume_dir and is_cv_dir(resume_dir)):
         _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)
         return
@@ -147,11 +148,6 @@ def pseudo_overrides(probs: str | None, threshold: str | None, soft: bool) -> tu
         return ()
     return (f"pseudo.probs={Path(probs).resolve()}", *((f"pseudo.threshold={threshold}",) if threshold is not None else ()),
             *(("pseudo.soft=true",) if soft else ()))
-
-
-def is_cv_dir(path: str) -> bool:
-    from kit.training.cv import is_cv_dir as cv_dir
-    return cv_dir(path)
 
 
 def _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds) -> None:
