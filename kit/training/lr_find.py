@@ -128,7 +128,7 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
     trainer = build_trainer(recipe, dataset, resolve_device(device), recipe.name, echo=silent)  # sizes the head to the data
     lrs = start_lr * (end_lr / start_lr) ** (np.arange(updates) / (updates - 1))
     trainer.lr.use_table(torch.from_numpy(lrs))
-    sweep = Sweep(updates, diverge, trainer.prec.device, lrs, progress_bar(updates, f"lr-find {recipe.name}"), echo)
+    sweep = RangeTest(updates, diverge, trainer.prec.device, lrs, progress_bar(updates, f"lr-find {recipe.name}"), echo)
     trainer.num_epochs = -(-updates // trainer.updates_per_epoch)  # across epochs as needed
     try:
         trainer.fit(sweep)  # the Trainer's own epoch loop, this sweep as its hooks
@@ -142,7 +142,7 @@ def lr_find(recipe: Recipe, data_root: str | Path | None = None, device: str = "
     return LRFind(recipe.name, lrs[:done], losses, smoothed, minimum, steep, sweep.diverged, updates, recipe.schedule.name)
 
 
-class Sweep(Hooks):
+class RangeTest(Hooks):
     """lr-find's hooks on the Trainer's loop: each update's running epoch loss kept on the device, read every
     CHECK_EVERY updates (each read waits for the device), the sweep stopped once it has run `updates` or diverged."""
 
