@@ -80,6 +80,20 @@ def test_distillation_teachers_are_capture_safe(trained_run, demo_data, quiet, t
     assert not hazards, "\n".join(map(str, hazards))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_targets_are_capture_safe(demo_data, quiet, tiny_recipe, smoothing):
+    """Pseudo-labels as soft targets (Labelled.soft, gathered per batch on the device) keep the update capturable."""
+    from kit.data.datasets import load_dataset
+    recipe = tiny_recipe(train__label_smoothing=smoothing)
+    dataset = load_dataset(recipe.data, demo_data)
+    soft = torch.softmax(torch.randn(len(dataset.train), 10, generator=torch.Generator().manual_seed(0)), 1)
+    dataset = dataclasses.replace(dataset, train=dataclasses.replace(dataset.train, soft=soft))
+    trainer = build_trainer(recipe, dataset, CPU, echo=quiet)
+    assert _blocker(trainer) is None and trainer.data.soft is not None
+    hazards = _hazards_before_capture(trainer)
+    assert not hazards, "\n".join(map(str, hazards))
+
+
 def test_mixup_and_lookahead_are_named_as_what_blocks_capture(demo_data, tiny_trainer):
     mixup = tiny_trainer(RECIPES_DIR / "demo.yaml", demo_data, overrides=("augment.mixup_alpha=0.2",))
     assert "mixup" in _blocker(mixup)
