@@ -8,7 +8,8 @@ saving only sets the flag again.
 `fault_point(name)` is the fault-injection hook of tests/test_faults.py: when the environment variable
 KIT_FAULT names this moment (`update:12`, `write:last.pt`, `saved:best.pt@2`, ...), the process kills itself with
 SIGKILL there (or raises SIGTERM/SIGINT for `sigterm:`/`sigint:` moments), exactly as an outside kill at that
-moment would. Unset, it costs one environment lookup."""
+moment would. Under torchrun, only the first group is interrupted: a group restarted by --max-restarts (its
+TORCHELASTIC_RESTART_COUNT above 0) is the recovery under test. Unset, it costs one environment lookup."""
 
 import os
 import signal
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 FAULT_ENV = "KIT_FAULT"
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in its workers: 0, then 1, 2, ... after each --max-restarts
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal's number, the shell's convention
 
 
@@ -64,7 +66,7 @@ def fault_point(name: str) -> None:
     KIT_FAULT is a comma-separated list of `[sigterm:|sigint:]NAME[@K]`: SIGKILL (or the signal) at the K-th time
     (default the first) the run passes NAME."""
     wanted = os.environ.get(FAULT_ENV)
-    if not wanted:
+    if not wanted or os.environ.get(RESTART_ENV, "0") != "0":  # torchrun's restarted group is the recovery under test
         return
     if wanted != _spec[0]:  # a new fault plan counts from zero
         _spec[0] = wanted

@@ -246,21 +246,3 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     for w in workers:
         w.join(timeout=120)
     assert dict(answers) == {0: [True, False], 1: [True, False]}
-
-
-@pytest.mark.slow
-def test_a_named_run_killed_is_continued_by_the_same_command(demo_data, tmp_path):
-    """kit train --run-name NAME (what every node of a torchrun group runs, and what --max-restarts runs again): killed
-    in its second epoch, the same command continues RUNS/NAME from its last.pt and ends as the uninterrupted run."""
-    command = [sys.executable, "-m", "kit.cli", "train", str(RECIPES_DIR / "demo.yaml"), "--data-root", str(demo_data),
-               "--set", "train.epochs=2", "--set", "model.args.width=0.125", "--runs", str(tmp_path), "--device", "cpu"]
-    killed = subprocess.run([*command, "--run-name", "named"], env={**os.environ, "KIT_FAULT": "update:100"},
-                            capture_output=True, text=True)
-    assert killed.returncode == -9 and (tmp_path / "named" / "last.pt").is_file(), killed.stdout + killed.stderr
-    again = subprocess.run([*command, "--run-name", "named"], capture_output=True, text=True)
-    assert again.returncode == 0 and f"resuming {tmp_path / 'named'} after epoch 1 of 2" in again.stdout, again.stdout
-    whole = subprocess.run([*command, "--run-name", "whole"], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stdout + whole.stderr
-    columns = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc"]
-    named, whole = (pd.read_csv(tmp_path / name / "metrics.csv")[columns] for name in ("named", "whole"))
-    assert named.equals(whole)

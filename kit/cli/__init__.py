@@ -80,7 +80,7 @@ def params_cmd(recipe, overrides):
 @click.option("--data-root", metavar="DIR", help="Folder holding cifar-10-batches-py/ (or cifar-100-python/).")
 @click.option("--runs", "out_root", default="runs", show_default=True, help="Runs are created under this folder.")
 @click.option("--run-name", metavar="NAME", help="A fixed run directory, RUNS/NAME, that the same command continues from "
-                                                 "its last.pt when it has one.")
+                                                 "its last.pt when it has one (what torchrun --max-restarts needs).")
 @click.option("--log", type=click.Choice(["none", "tensorboard"]), help="Epoch logging (same as --set train.log=...).")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, one per GPU (on the CPU: gloo processes); starts torchrun for you.")
@@ -117,6 +117,9 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, run_name, log,
         return
     if gpus > 1 and "LOCAL_RANK" not in os.environ:  # this very command again, one process per GPU, under torchrun
         sys.exit(distributed.launch(gpus, _without_gpus(click.get_current_context())))
+    if distributed.max_restarts() and not (run_name or resume_dir):
+        raise KitError(f"torchrun --max-restarts {distributed.max_restarts()} starts this command again after a failure: "
+                       "give --run-name NAME so that it continues the same run")
     named = Path(out_root) / run_name if run_name else None
     if named is not None and (named / "last.pt").is_file():  # a restarted torchrun group: every rank sees the same file
         resume_dir = named

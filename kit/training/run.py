@@ -366,6 +366,11 @@ def open_run(recipe: Recipe, init_from: dict | None, run_dir: str | Path | None 
     check_batch(recipe, len(dataset.train))
     recipe = with_num_classes(recipe, len(dataset.classes), source)
     ranks, dev = distributed.start(device)
+    starts = distributed.gather(None if init_from is None else init_from["num_updates"], ranks)
+    if len(set(starts)) > 1:  # under torchrun: a node that does not see the run folder the others see
+        seen = ", ".join(f"rank {r}: {'no checkpoint' if n is None else f'{n} updates'}" for r, n in enumerate(starts))
+        raise KitError(f"{run_dir}: the {ranks.world_size} processes start from different checkpoints ({seen}): "
+                       "--runs must be one folder that every node shares")
     if recipe.train.batch_size % ranks.world_size:
         raise KitError(f"{source}: train.batch_size {recipe.train.batch_size} does not split over {ranks.world_size} processes")
     trainer = build_trainer(recipe, dataset, dev, source, rank=ranks.rank, world_size=ranks.world_size,
