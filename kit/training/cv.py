@@ -31,7 +31,7 @@ from kit.inference.scores import probs_loss_acc, topk
 from kit.io import write_text
 from kit.recipe import Recipe, check_argument, load_recipe, recipe_as_dict, recipe_from_dict, save_recipe
 from kit.training.distill import resolve_teachers
-from kit.training.run import VAL_PROBS, new_run_dir, resume, train, with_data_root
+from kit.training.run import VAL_PROBS, new_run_dir, resume, stopped_early, train, with_data_root
 
 CV_TABLE, CV_PLOT = "cv.csv", "cv.png"
 CV_COLUMNS = ["fold", "images", "best_epoch", "weights_from", "val_acc", "val_loss", "test_acc"]
@@ -101,8 +101,8 @@ def fold_finished(fold_dir: Path) -> bool:
         return False
     payload = read_payload(fold_dir / "last.pt")
     patience = load_recipe(fold_dir / "recipe.yaml").train.early_stopping_patience
-    stopped_early = patience is not None and payload["epoch"] - payload["best_epoch"] >= patience
-    return payload.get("in_epoch", 0) == 0 and (payload["epoch"] >= payload["planned_epochs"] or stopped_early)
+    return payload.get("in_epoch", 0) == 0 and (payload["epoch"] >= payload["planned_epochs"]
+                                                 or stopped_early(payload["epoch"], payload["best_epoch"], patience))
 
 
 def _train_side_by_side(cv_dir: Path, pending: list[int], data_root, device: str, devices: tuple[str, ...], jobs: int,

@@ -141,7 +141,7 @@ class Run(Hooks):
                               self.recipe.predict.batch_size, self.trainer.prec)
         return (*probs_loss_acc(probs, self.held_out.labels), probs)
 
-    def record(self, lr: float, result: EpochResult) -> dict:
+    def record(self, result: EpochResult) -> dict:
         """Evaluate raw and EMA weights (rank 0, after averaging BatchNorm statistics over ranks), append the
         metrics row, keep the best; returns the row."""
         t = self.trainer
@@ -154,7 +154,7 @@ class Run(Hooks):
             scores = (val_loss, val_acc, ema_acc)
         val_loss, val_acc, ema_acc = distributed.broadcast(scores, self.ranks)
         t.lr.after_epoch(self.epoch, val_acc)
-        row = {"epoch": self.epoch, "lr": lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
+        row = {"epoch": self.epoch, "lr": result.lr, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val_loss,
                "val_acc": val_acc, "ema_val_acc": ema_acc, "seconds": result.seconds,
                "images_per_s": result.images / max(result.seconds, 1e-9), "skipped_updates": result.skipped}
         new = pd.DataFrame([row], columns=METRIC_COLUMNS)
@@ -209,8 +209,7 @@ class Run(Hooks):
                                          f"continue with kit train --resume {self.dir}")
 
     def should_stop_early(self) -> bool:
-        patience = self.recipe.train.early_stopping_patience
-        return patience is not None and self.epoch - self.best_epoch >= patience
+        return stopped_early(self.epoch, self.best_epoch, self.recipe.train.early_stopping_patience)
 
     def fit(self, on_epoch_end: Callable[["Run"], None] | None = None) -> None:
         """Train the planned epochs through the Trainer's loop (kit/training/engine.py: Trainer.fit, Trainer.update),
@@ -243,12 +242,9 @@ class Run(Hooks):
         return done < trainer.updates_per_epoch and self.stop_asked()
 
     def after_epoch(self, trainer: Trainer, result: EpochResult) -> bool:
-        self.progress.close()
-        return self.close_epoch(result.lr, result, self.on_epoch_end)
-
-    def close_epoch(self, lr: float, result: EpochResult, on_epoch_end: Callable[["Run"], None] | None) -> bool:
         """After an epoch's updates: score, save and print it, or save where a signal stopped it and raise; returns
         whether training goes on (False: early stopping)."""
+        self.progress.close()
         if not result.complete:  # stopped inside the epoch: last.pt records the update it stopped at
             self.save()
             raise self.stopped(f"at update {self.trainer.num_updates} ({result.updates} of "
@@ -256,18 +252,23 @@ class Run(Hooks):
         if not result.finite:
             raise KitError(f"{self.dir}: training diverged: the loss became {result.loss} in epoch {result.epoch}; "
                            f"the last good checkpoint is {self.dir / 'last.pt'} (epoch {result.epoch - 1})")
-        row = self.record(lr, result)
+        row = self.record(result)
         self.save()
         self.echo(_summary(row, self.recipe.train.epochs))
         if self.stop_asked():  # saved just above
             raise self.stopped(f"after epoch {self.epoch}")
-        if on_epoch_end is not None:
-            on_epoch_end(self)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(self)
         if self.should_stop_early():
             self.echo(f"early stopping: no better validation accuracy for {self.epoch - self.best_epoch} epochs "
                       f"(best {self.best_acc:.2%} at epoch {self.best_epoch})")
             return False
         return True
+
+
+def stopped_early(epoch: int, best_epoch: int, patience: int | None) -> bool:
+    """Early stopping's rule: `patience` epochs (train.early_stopping_patience) without a new best."""
+    return patience is not None and epoch - best_epoch >= patience
 
 
 def silent(_: str) -> None:
