@@ -74,7 +74,8 @@ class CV:
 
     @property
     def folds(self) -> list[Run]:
-        return [Run(p) for p in sorted(self.dir.glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) if p.is_dir()]
+        from kit.inference.checkpoint import fold_dirs
+        return [Run(p) for p in fold_dirs(self.dir)]
 
     def plot(self) -> Path:
         """Each fold's validation accuracy per epoch (cv.png), inline in a notebook."""

@@ -279,6 +279,8 @@ def test_kit_train_with_folds_from_python_returns_the_cv(demo_data, tmp_path, qu
     cv = kit.train(RECIPES_DIR / "demo.yaml", demo_data, runs=tmp_path, device="cpu", folds=3, echo=quiet, train__epochs=2,
                    model__args__width=0.125, train__batch_size=32, schedule__name="constant")  # FAST
     assert isinstance(cv, kit.CV) and [r.dir.name for r in cv.folds] == ["fold-0", "fold-1", "fold-2"]
+    (cv.dir / "fold-1.log").write_text("")  # what folds trained side by side (--devices) leave beside them
+    assert [r.dir.name for r in cv.folds] == ["fold-0", "fold-1", "fold-2"]
     assert cv.table.equals(pd.read_csv(cv_dir / "cv.csv", dtype={"fold": str}))  # the CLI's CV, the same figures
     oof = cv.oof
     assert len(oof) == oof.id.nunique() and list(oof.columns[:3]) == ["id", "label", "fold"]

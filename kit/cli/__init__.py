@@ -108,7 +108,7 @@ def train_cmd(recipe, overrides, resume_dir, data_root, out_root, run_name, log,
     overrides = (*overrides, *((f"train.log={log}",) if log else ()), *pseudo_overrides(pseudo, pseudo_threshold, pseudo_soft))
     if recipe and data_root:
         overrides = (*overrides, *recognized_overrides(recipe, overrides, data_root))
-    from kit.training.cv import is_cv_dir
+    from kit.inference.checkpoint import is_cv_dir
     if folds or (resume_dir and is_cv_dir(resume_dir)):
         _train_cv(recipe, folds, resume_dir, overrides, data_root, out_root, devices, jobs, device, gpus, seeds)
         return

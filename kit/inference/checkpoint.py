@@ -74,6 +74,17 @@ CV_FILE = "cv.yaml"  # a CV directory's recipe (kit train --folds): the folder s
 FOLD_DIR = "fold-{}"  # a CV directory's fold runs, from fold-0
 OOF_PROBS = "oof.probs.npz"  # a CV directory's out-of-fold probabilities: written once every fold has finished
 
+
+def is_cv_dir(path: str | Path) -> bool:
+    """Whether `path` is a CV directory (kit train --folds: it holds cv.yaml)."""
+    return (Path(path) / CV_FILE).is_file()
+
+
+def fold_dirs(cv_dir: str | Path) -> list[Path]:
+    """A CV directory's fold runs in fold order (fold-0, fold-1, ...; not its fold-<i>.log files)."""
+    runs = [p for p in Path(cv_dir).glob(FOLD_DIR.format("*")) if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(runs, key=lambda p: int(p.name.split("-")[-1]))
+
 PAYLOAD_FIELDS = {  # what inference reads from a checkpoint: the field, what it must be, and a test of it
     "model": ("a mapping of tensor names to tensors", lambda v: _is_state(v) and bool(v)),
     "ema": ("null or a mapping of tensor names to tensors", lambda v: v is None or _is_state(v)),
@@ -203,7 +214,7 @@ def checkpoint_from_payload(payload: dict, path: str | Path, weights_from: str, 
                        f"that does not exist; train it again (the head now takes the data's classes)")
     model.to(device).eval()
     name = Path(path).name if Path(path).is_dir() else f"{Path(source).parent.name}/{Path(source).stem}"
-    if Path(path).is_dir() and (Path(path).resolve().parent / CV_FILE).is_file():  # a fold run: <cv dir>/fold-<i>
+    if Path(path).is_dir() and is_cv_dir(Path(path).resolve().parent):  # a fold run: <cv dir>/fold-<i>
         name = f"{Path(path).resolve().parent.name}/{name}"
     return Checkpoint(name, source, recipe, model, classes, int(payload["num_params"]), mean, std, chosen,
                       payload.get("split", ""))

@@ -12,7 +12,7 @@ import torch
 
 from kit.device import Precision, inference_precision, resolve_device
 from kit.errors import KitError
-from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS, Checkpoint, load_checkpoint
+from kit.inference.checkpoint import OOF_PROBS, Checkpoint, fold_dirs, is_cv_dir, load_checkpoint
 from kit.inference.tta import tta_views
 
 COMPLETED_RUNS = "completed_runs.txt"  # a folder listing run directories, one per line (what `kit sweep` writes)
@@ -64,7 +64,7 @@ def expand_paths(paths: list[str]) -> list[str]:
     expanded = []
     for path in paths:
         listing = Path(path) / COMPLETED_RUNS
-        if (Path(path) / CV_FILE).is_file():
+        if is_cv_dir(path):
             expanded += fold_runs(Path(path))
         elif listing.is_file():
             runs = [line for line in listing.read_text().splitlines() if line.strip()]
@@ -80,8 +80,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 
 def fold_runs(cv_dir: Path) -> list[str]:
     """A CV directory's fold runs (fold-0, fold-1, ...), the k models of its ensemble, once all have finished."""
-    runs = sorted((p for p in cv_dir.glob(FOLD_DIR.format("*")) if p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
+    runs = fold_dirs(cv_dir)
     if not runs or not (cv_dir / OOF_PROBS).is_file() or not all((p / "best.pt").is_file() for p in runs):
         raise KitError(f"{cv_dir}: its cross-validation has not finished (no {OOF_PROBS} yet): finish it with "
                        f"kit train --resume {cv_dir}")
@@ -135,7 +134,7 @@ def valid_weights(blend: list[float]) -> bool:
 def _owner(path: str) -> str:
     """The CV directory a fold run belongs to (resolved), else the path itself."""
     parent = Path(path).resolve().parent
-    return str(parent) if (parent / CV_FILE).is_file() else str(Path(path).resolve())
+    return str(parent) if is_cv_dir(parent) else str(Path(path).resolve())
 
 
 def _blend_from_selection(path: Path, paths: list[str]) -> list[float]:

@@ -3,7 +3,7 @@ validated on its fold and trained on the others; scikit-learn's StratifiedKFold,
 CV directory:
 
     runs/<recipe>-cv-<time>/
-        cv.yaml            the CV's recipe (kit.inference.ensemble.CV_FILE: the folder stands for its k fold models)
+        cv.yaml            the CV's recipe (kit.inference.checkpoint.CV_FILE: the folder stands for its k fold models)
         fold-0/ ...        each fold's run directory (recipe.yaml, metrics.csv, best.pt, last.pt, val.probs.npz)
         oof.probs.npz      every training image's probabilities from the fold model that held it out, once per id
         cv.csv, cv.png     each fold's accuracy and loss (the better weights at its best epoch), their mean and std,
@@ -24,7 +24,7 @@ import torch
 
 from kit.data.datasets import Labelled, load_dataset
 from kit.errors import KitError
-from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS
+from kit.inference.checkpoint import CV_FILE, FOLD_DIR, OOF_PROBS, is_cv_dir
 from kit.inference.ensemble import load_ensemble
 from kit.inference.probs import probs_arrays, read_probs, write_probs
 from kit.inference.scores import probs_loss_acc, topk
@@ -62,10 +62,6 @@ def train_cv(recipe: Recipe, folds: int, data_root: str | Path | None = None, ou
     save_recipe(recipe, cv_dir / CV_FILE)
     echo(f"{folds}-fold cross-validation of {recipe.name} (stratified, data.split_seed {recipe.data.split_seed}): {cv_dir}")
     return run_cv(cv_dir, data_root, device, devices, jobs, echo)
-
-
-def is_cv_dir(path: str | Path) -> bool:
-    return (Path(path) / CV_FILE).is_file()
 
 
 def run_cv(cv_dir: str | Path, data_root: str | Path | None = None, device: str = "auto", devices: tuple[str, ...] = (),
