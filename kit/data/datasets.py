@@ -260,12 +260,15 @@ IMAGES_ACCEPTED = ("a test file (the competition's pickle, a folder of images, a
                    "one image's (H, W, C), (C, H, W), or PIL images")
 
 
+def is_image_file(path: str | Path) -> bool:
+    """Whether `path` names one image (by its extension), not a test set."""
+    from kit.data.formats import IMAGE_EXTENSIONS
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not Path(path).is_dir()
+
+
 def images_given_in_memory(images) -> bool:
     """Whether `images` are images from memory (or image files) rather than a test file's path."""
-    from kit.data.formats import IMAGE_EXTENSIONS
-    if isinstance(images, (str, Path)):
-        return Path(images).suffix.lower() in IMAGE_EXTENSIONS and not Path(images).is_dir()
-    return True
+    return is_image_file(images) if isinstance(images, (str, Path)) else True
 
 
 def images_given(images, spec: DataSpec) -> tuple[TestSet, bool]:
@@ -273,9 +276,9 @@ def images_given(images, spec: DataSpec) -> tuple[TestSet, bool]:
     image paths, a uint8 numpy array or torch tensor (a batch or one image, channels last or first) or PIL images.
     Returns the set (ids: the paths, else 0..N-1) and whether one image was given. Anything else is one KitError
     saying what is accepted."""
-    from kit.data.formats import IMAGE_EXTENSIONS, decode_images, eight_bits, to_chw
+    from kit.data.formats import decode_images, eight_bits, to_chw
     size, channels = spec.image_size, spec.channels
-    if isinstance(images, (str, Path)) and Path(images).suffix.lower() in IMAGE_EXTENSIONS and not Path(images).is_dir():
+    if isinstance(images, (str, Path)) and is_image_file(images):
         image = decode_images([Path(images)], size, channels)
         return TestSet(np.array([str(images)], dtype=object), image, "an image file"), True
     if isinstance(images, (str, Path)):
@@ -321,9 +324,9 @@ def _pil_images(images) -> list | None:
 def read_test_set(path: str | Path, spec: DataSpec | None = None) -> TestSet:
     """The unlabelled test set at the recipe's image size and channels: the competition's pickle (`.pkl`), a folder of
     images, a pixels CSV or a .npz (kit.data.formats). Ids must be unique."""
-    from kit.data.formats import IMAGE_EXTENSIONS, id_key, read_unlabelled
+    from kit.data.formats import id_key, read_unlabelled
     path, spec = Path(path), spec or DataSpec()
-    if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
+    if is_image_file(path):
         raise KitError(f"{path}: one image, not a test set; predict it with kit.predict(checkpoints, {str(path)!r}) from "
                        f"Python, or put the test images in a folder and give the folder")
     if is_pickle(path):
