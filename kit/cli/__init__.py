@@ -178,9 +178,9 @@ def _train_seeds(recipe, seeds, devices, jobs, overrides, data_root, out_root, d
         raise KitError(f"--seeds {seeds}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
     name = load_recipe(recipe, overrides).name  # validated once here, before any process starts
     finished = train_seeds(recipe, name, seed_list, devices, jobs, overrides, data_root, out_root, device, echo=click.echo)
-    failed = [r.name.split()[-1] for r in finished if r.code != 0]
+    failed = [job.name for job in finished if job.code != 0]
     if failed:
-        raise KitError(f"seeds {', '.join(map(str, failed))} failed: see their logs in {out_root}")
+        raise KitError(f"{', '.join(failed)} failed: see their logs in {out_root}")
 
 
 def _without_gpus(ctx: click.Context) -> list[str]:
