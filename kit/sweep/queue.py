@@ -42,8 +42,6 @@ TRIALS_DIR = "trials"
 KIT_STUDY = "kit_sweep"  # the study's user attribute that says kit made it (set before any trial is queued)
 
 
-
-
 def shown_url(url: str) -> str:
     """A storage URL as printed: its password hidden."""
     if "://" not in url:

@@ -14,36 +14,39 @@ RESULT_COLUMNS = ["trial", "state", "overrides", "parameters", "epochs", "best_v
                   "attempts"]
 
 
-def results_table(sweep: Sweep, study) -> pd.DataFrame:
+def results_table(sweep: Sweep, study) -> tuple[pd.DataFrame, dict[int, pd.DataFrame]]:
     """One row per planned trial (a trial queued again after its worker died counts once, as its last attempt, under
-    its first number): overrides, parameters, epochs run, best validation accuracy, training seconds, state."""
-    rows = []
+    its first number), in trial order: overrides, parameters, epochs run, best validation accuracy, training seconds,
+    state; and the metrics.csv of each trial that has one, by trial (read once, for the table and the curves)."""
+    rows, curves = [], {}
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     for t in (t for t in trials if t.number not in retried):
         history = t.system_attrs.get("retry_history", [])
         run_dir = Path(t.user_attrs.get("run_dir", sweep.trial_dir(t.number)))
-        metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
+        trial, found = history[0] if history else t.number, (run_dir / "metrics.csv").is_file()
+        metrics = pd.read_csv(run_dir / "metrics.csv") if found else pd.DataFrame()
+        if found:
+            curves[trial] = metrics
         best = float(better_weights(metrics.val_acc, metrics.ema_val_acc)[0].max()) if len(metrics) else float("nan")
-        rows.append({"trial": history[0] if history else t.number, "state": t.state.name,
+        rows.append({"trial": trial, "state": t.state.name,
                      "overrides": t.user_attrs.get("overrides", ""),
                      "parameters": t.user_attrs.get("parameters"), "epochs": len(metrics), "best_val_acc": best,
                      "seconds": float(metrics.seconds.sum()) if len(metrics) else 0.0,
                      "device": t.user_attrs.get("device", ""), "run_dir": str(run_dir), "attempts": len(history) + 1})
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"parameters": "Int64"})
-    return table.sort_values("trial", kind="stable").reset_index(drop=True)
+    return table.sort_values("trial", kind="stable").reset_index(drop=True), curves
 
 
 def write_results(sweep: Sweep, study) -> pd.DataFrame:
     """results.csv, results.md (best trial named) and curves.png in the sweep folder, written atomically."""
     from kit.inference.plots import plot_val_curves
-    table = results_table(sweep, study)
+    table, metrics = results_table(sweep, study)
     write_text(sweep.folder / "results.csv", table.to_csv(index=False))
     write_text(sweep.folder / "results.md", _markdown(table, sweep))
     write_text(sweep.folder / COMPLETED_RUNS, "".join(f"{r}\n" for r in table[table.state == "COMPLETE"].run_dir))
-    curves = {f"trial {row.trial} ({row.state.lower()})": (pd.read_csv(Path(row.run_dir) / "metrics.csv"),
-                                                          row.state not in ("COMPLETE", "RUNNING"))
-              for row in table.sort_values("trial").itertuples() if (Path(row.run_dir) / "metrics.csv").is_file()}
+    curves = {f"trial {row.trial} ({row.state.lower()})": (metrics[row.trial], row.state not in ("COMPLETE", "RUNNING"))
+              for row in table.itertuples() if row.trial in metrics}
     if curves:
         plot_val_curves(curves, sweep.folder / "curves.png", f"{sweep.folder.name}: validation accuracy per trial")
     return table
