@@ -57,8 +57,7 @@ class Interpretation:
         order = np.argsort(-self.losses, kind="stable")
         if mistakes_only:
             order = order[self.predicted[order] != self.labels[order]]
-        order = order[:k]
-        rows = np.arange(len(self.labels))[order]
+        rows = order[:k]
         return pd.DataFrame({"id": self.data.ids[rows], "true": [self.classes[c] for c in self.labels[rows]],
                              "predicted": [self.classes[c] for c in self.predicted[rows]],
                              "p_true": self.probs[rows, self.labels[rows]], "p_predicted": self.probs[rows].max(1),
